@@ -1,0 +1,120 @@
+"""Pretrained ViT npz loading (Google's layout), position-embedding resize, and adapter files.
+
+An adapter `.npz` holds the E²VPT parameters under their parameter paths: `prompts/visual`
+[depth, P, D], `prompts/kv` [depth, H, L, head_dim], `masks/token` [P], `masks/segment` [P, 16],
+`head/kernel` [D, C], `head/bias` [C]; an absent key means that part is not used.
+"""
+
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import scipy.ndimage
+from flax import traverse_util
+from flax.training.checkpoints import convert_pre_linen
+
+from e2vpt_jax import optim
+
+POSEMB = 'Transformer/posembed_input/pos_embedding'
+NOT_BACKBONE = ('head', 'pre_logits')  # stored in Google's files, never loaded into the backbone
+ADAPTER_GROUPS = ('prompts', 'masks', 'head')
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose arrays do not fit the model."""
+
+
+def is_adapter(path: tuple[str, ...]) -> bool:
+  """Whether a parameter belongs to the adapter (everything E²VPT adds) rather than the backbone."""
+  return path[0] in ADAPTER_GROUPS
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """All arrays of an npz file by their '/'-joined names."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'checkpoint file {path!r} does not exist')
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
+
+
+def unflatten(arrays: Mapping[str, Any]) -> dict[str, Any]:
+  return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in arrays.items()})
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep='/')
+
+
+def google_vit_params(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Backbone tree with Linen names from a Google ViT npz's arrays; `head` and `pre_logits` dropped."""
+  kept = {k: v for k, v in arrays.items() if k.split('/')[0] not in NOT_BACKBONE}
+  return convert_pre_linen(unflatten(kept))
+
+
+def resize_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
+  """Resizes [1, 1 + g², D] position embeddings to [1, num_tokens, D]: CLS row kept, grid zoomed linearly."""
+  cls, grid = posemb[:, :1], posemb[0, 1:]
+  old, new = int(np.sqrt(len(grid))), int(np.sqrt(num_tokens - 1))
+  if old * old != len(grid) or new * new != num_tokens - 1:
+    raise CheckpointMismatchError(
+        f'cannot resize position embeddings of {posemb.shape[1]} to {num_tokens} tokens: not 1 + a square')
+  grid = scipy.ndimage.zoom(grid.reshape(old, old, -1), (new / old, new / old, 1), order=1)
+  return np.concatenate([cls, grid.reshape(1, new * new, -1)], axis=1).astype(posemb.dtype)
+
+
+def fit(tree: Mapping[str, Any], template: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """`tree` as numpy arrays in the template's dtypes, position embeddings resized if needed.
+
+  Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key.
+  """
+  have, want = flatten(tree), flatten(template)
+  pos = have.get(POSEMB)
+  if pos is not None and POSEMB in want and pos.shape[1] != want[POSEMB].shape[1] \
+      and pos.shape[2:] == want[POSEMB].shape[2:]:
+    have[POSEMB] = resize_posemb(pos, want[POSEMB].shape[1])
+  missing = sorted(want.keys() - have.keys())
+  unexpected = sorted(have.keys() - want.keys())
+  misshaped = sorted(f'{k}: file {tuple(have[k].shape)} vs model {tuple(want[k].shape)}'
+                     for k in want.keys() & have.keys() if tuple(have[k].shape) != tuple(want[k].shape))
+  if missing or unexpected or misshaped:
+    raise CheckpointMismatchError(
+        f'{source} does not fit the model: missing {missing or "none"}; '
+        f'unexpected {unexpected or "none"}; mis-shaped {misshaped or "none"}')
+  return unflatten({k: np.asarray(v, want[k].dtype) for k, v in have.items()})
+
+
+def load_backbone(path: str, template: Mapping[str, Any]) -> dict[str, Any]:
+  """The frozen backbone from a Google ViT npz (ImageNet-21k or 21k→1k), fitted to `template`."""
+  return fit(google_vit_params(read_npz(path)), template, f'checkpoint {path!r}')
+
+
+def save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+  """Writes an npz so that `path` is either absent, the old file, or the complete new file."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=folder, suffix='.npz.tmp', delete=False) as f:
+    try:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    except BaseException:
+      os.unlink(f.name)
+      raise
+  os.replace(f.name, path)
+
+
+def save_adapter(path: str, params: Mapping[str, Any]) -> None:
+  """Exports the adapter part of `params` (prompts, masks, head) in the adapter npz format."""
+  adapter, _ = optim.partition(params, is_adapter)
+  save_npz_atomic(path, {k: np.asarray(v) for k, v in flatten(adapter).items()})
+
+
+def load_adapter(path: str) -> dict[str, Any]:
+  """The adapter tree from an adapter npz; unknown keys are an error."""
+  arrays = read_npz(path)
+  unknown = sorted(k for k in arrays if not is_adapter(tuple(k.split('/'))))
+  if unknown:
+    raise CheckpointMismatchError(f'adapter {path!r} holds keys outside {ADAPTER_GROUPS}: {unknown}')
+  return unflatten(arrays)

@@ -1,0 +1,184 @@
+"""Vision Transformer with E²VPT prompts (Linen).
+
+Parameter names and shapes equal Google's ViT npz checkpoints after the pre-Linen renaming, so
+loading is a rename, never a reshape. The E²VPT parts live beside the backbone:
+
+  prompts/visual  [depth, P, D]          deep visual prompts, one set per layer
+  prompts/kv      [depth, H, L, head_dim] key-value prompts, one tensor for both K and V
+  masks/token     [P]                    token mask T
+  masks/segment   [P, 16]                segment mask S (strided: feature j uses S[:, j mod 16])
+  head/kernel, head/bias                 linear classifier on the CLS token
+"""
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+AttentionFn = Callable[[Array, Array, Array, Array | None], Array]
+
+NUM_SEGMENTS = 16
+HEAD_BIAS_INIT = -math.log((1 - 0.01) / 0.01)
+
+PRESETS: dict[str, dict[str, int]] = {
+    'tiny': dict(patch_size=8, width=64, depth=3, num_heads=4, mlp_dim=128),
+    'Ti/16': dict(patch_size=16, width=192, depth=12, num_heads=3, mlp_dim=768),
+    'S/16': dict(patch_size=16, width=384, depth=12, num_heads=6, mlp_dim=1536),
+    'B/16': dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072),
+    'L/16': dict(patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    'H/14': dict(patch_size=14, width=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+
+def uniform(bound: float) -> Callable[..., Array]:
+  """U(-bound, bound), for the reference's explicit prompt initialisation bounds."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def prompted_attention(q: Array, k: Array, v: Array, kv_prompt: Array | None) -> Array:
+  """softmax(q [E; k]ᵀ / sqrt(d)) [E; v] with the KV prompt E [H, L, d] prepended to the keys and values.
+
+  q, k, v are [B, N, H, d]; the prompt joins after the projections, as the reference does.
+  """
+  if kv_prompt is not None:
+    prompt = jnp.swapaxes(kv_prompt, 0, 1).astype(k.dtype)
+    prompt = jnp.broadcast_to(prompt, (k.shape[0], *prompt.shape))
+    k = jnp.concatenate([prompt, k], axis=1)
+    v = jnp.concatenate([prompt, v], axis=1)
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with the stock Flax submodule names, taking an optional KV prompt."""
+  num_heads: int
+  attention_fn: AttentionFn = prompted_attention
+
+  @nn.compact
+  def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), name=name)
+    q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)
+    y = self.attention_fn(q, k, v, kv_prompt)
+    return nn.DenseGeneral(width, axis=(-2, -1), name='out')(y)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    y = nn.gelu(nn.Dense(self.mlp_dim)(x), approximate=False)
+    return nn.Dense(x.shape[-1])(y)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block."""
+  num_heads: int
+  mlp_dim: int
+  attention_fn: AttentionFn = prompted_attention
+
+  @nn.compact
+  def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
+    x = x + MultiHeadDotProductAttention(self.num_heads, self.attention_fn)(nn.LayerNorm()(x), kv_prompt)
+    return x + MlpBlock(self.mlp_dim)(nn.LayerNorm()(x))
+
+
+class AddPositionEmbs(nn.Module):
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return x + self.param('pos_embedding', nn.initializers.normal(0.02), (1,) + x.shape[1:])
+
+
+class Encoder(nn.Module):
+  """Blocks with deep visual prompts: [CLS, prompts, patches], each layer replacing the prompt outputs."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  prompt_dropout: float
+  attention_fn: AttentionFn = prompted_attention
+
+  @nn.compact
+  def __call__(self, x: Array, visual: Array | None, kv: Array | None, mask: Array | None,
+               train: bool) -> Array:
+    x = AddPositionEmbs(name='posembed_input')(x)
+    num_prompts = 0 if visual is None else visual.shape[1]
+    for i in range(self.depth):
+      if num_prompts:
+        p = jnp.broadcast_to(visual[i].astype(x.dtype), (x.shape[0],) + visual.shape[1:])
+        p = nn.Dropout(self.prompt_dropout)(p, deterministic=not train)
+        if mask is not None:
+          p = p * mask
+        x = jnp.concatenate([x[:, :1], p, x[:, 1 + (num_prompts if i else 0):]], axis=1)
+      block = Encoder1DBlock(self.num_heads, self.mlp_dim, self.attention_fn, name=f'encoderblock_{i}')
+      x = block(x, None if kv is None else kv[i])
+    return nn.LayerNorm(name='encoder_norm')(x)
+
+
+class ViT(nn.Module):
+  """ViT classifier with E²VPT visual prompts (P), key-value prompts (L) and pruning masks.
+
+  With num_prompts = num_kv_prompts = 0 it is a plain ViT. Images are NHWC, already normalised.
+  """
+  num_classes: int
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  num_prompts: int = 0
+  num_kv_prompts: int = 0
+  use_masks: bool = False
+  prompt_dropout: float = 0.1
+  attention_fn: AttentionFn = prompted_attention
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False) -> Array:
+    p, d = self.patch_size, self.width
+    x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', name='embedding')(images)
+    x = x.reshape(x.shape[0], -1, d)
+    cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)).astype(x.dtype), x], axis=1)
+    prompts = ParamGroup(name='prompts')(**self.prompt_specs()) if self.num_prompts or self.num_kv_prompts else {}
+    mask = None
+    if self.num_prompts and self.use_masks:
+      masks = ParamGroup(name='masks')(token=(nn.initializers.ones, (self.num_prompts,)),
+                                       segment=(nn.initializers.ones, (self.num_prompts, NUM_SEGMENTS)))
+      mask = masks['token'][:, None] * jnp.tile(masks['segment'], (1, d // NUM_SEGMENTS))
+    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.prompt_dropout, self.attention_fn,
+                name='Transformer')(x, prompts.get('visual'), prompts.get('kv'), mask, train)
+    return nn.Dense(self.num_classes, name='head',
+                    kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+                    bias_init=nn.initializers.constant(HEAD_BIAS_INIT))(x[:, 0])
+
+  def prompt_specs(self) -> dict[str, tuple[Callable[..., Array], tuple[int, ...]]]:
+    """Initialisers and shapes of the visual and KV prompts, with the reference's uniform bounds."""
+    P, L, D, H = self.num_prompts, self.num_kv_prompts, self.width, self.num_heads
+    specs = {}
+    if P:
+      specs['visual'] = uniform(math.sqrt(6 / (3 * self.patch_size ** 2 + D))), (self.depth, P, D)
+    if L:
+      specs['kv'] = uniform(math.sqrt(6 / (D // H * L))), (self.depth, H, L, D // H)
+    return specs
+
+
+class ParamGroup(nn.Module):
+  """A named scope that only holds parameters (`prompts/*`, `masks/*`); returns them by name."""
+
+  @nn.compact
+  def __call__(self, **specs: tuple[Callable[..., Array], tuple[int, ...]]) -> dict[str, Array]:
+    return {name: self.param(name, init, shape) for name, (init, shape) in specs.items()}
+
+
+def get_model(variant: str, **kwargs: Any) -> ViT:
+  """ViT preset by name ('tiny', 'Ti/16', 'S/16', 'B/16', 'L/16', 'H/14') with E²VPT options."""
+  if variant not in PRESETS:
+    raise ValueError(f'unknown ViT variant {variant!r}; choose one of {sorted(PRESETS)}')
+  return ViT(**PRESETS[variant], **kwargs)

@@ -1,0 +1,60 @@
+"""Test set-up: 8 simulated CPU devices (before jax is imported) and the golden fixture."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from e2vpt_jax import checkpoints, optim  # noqa: E402
+from e2vpt_jax.models import vit  # noqa: E402
+
+GOLDEN = pathlib.Path(__file__).parent / 'golden'
+
+
+@pytest.fixture(scope='session')
+def golden() -> dict[str, np.ndarray]:
+  with np.load(GOLDEN / 'e2vpt_tiny.npz') as f:
+    return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope='session')
+def golden_meta() -> dict:
+  return json.loads((GOLDEN / 'e2vpt_tiny.json').read_text())
+
+
+def golden_backbone_arrays(golden: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The fixture's backbone under its Google (pre-Linen) names."""
+  return {k.removeprefix('backbone/'): v for k, v in golden.items() if k.startswith('backbone/')}
+
+
+def golden_adapter_arrays(golden: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: v for k, v in golden.items() if k.split('/')[0] in checkpoints.ADAPTER_GROUPS}
+
+
+@pytest.fixture(scope='session')
+def golden_model(golden_meta) -> vit.ViT:
+  c = golden_meta['config']
+  return vit.ViT(num_classes=c['num_classes'], patch_size=c['patch_size'], width=c['hidden_size'],
+                 depth=c['depth'], num_heads=c['num_heads'], mlp_dim=c['mlp_dim'],
+                 num_prompts=c['num_prompt_tokens_P'], num_kv_prompts=c['num_kv_tokens_L'], use_masks=True)
+
+
+@pytest.fixture(scope='session')
+def golden_params(golden) -> dict:
+  return optim.combine(checkpoints.google_vit_params(golden_backbone_arrays(golden)),
+                       checkpoints.unflatten(golden_adapter_arrays(golden)))
+
+
+def assert_close(actual, expected, rtol: float = 1e-5) -> float:
+  """Max |actual − expected| ≤ rtol · max |expected| (the fixture's definition); returns that ratio."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape
+  ratio = float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+  assert ratio <= rtol, f'max error {ratio:.3g} of the largest magnitude exceeds {rtol}'
+  return ratio

@@ -1,0 +1,112 @@
+"""Model semantics beyond the golden fixture: plain ViT, dropout placement, KV prompt order, presets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.special
+
+from e2vpt_jax import checkpoints
+from e2vpt_jax.models import vit
+from tests.conftest import assert_close
+
+
+def numpy_vit(params, images):
+  """An independent float64 NumPy ViT forward (pre-norm, exact GELU, LayerNorm eps 1e-6)."""
+  p = {k: np.asarray(v, np.float64) for k, v in checkpoints.flatten(params).items()}
+
+  def norm(x, name):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-6) * p[name + '/scale'] + p[name + '/bias']
+
+  kernel = p['embedding/kernel']
+  s, d = kernel.shape[0], kernel.shape[-1]
+  b, h, w, c = images.shape
+  patches = np.asarray(images, np.float64).reshape(b, h // s, s, w // s, s, c)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, s * s * c)
+  x = patches @ kernel.reshape(-1, d) + p['embedding/bias']
+  x = np.concatenate([np.broadcast_to(p['cls'], (b, 1, d)), x], 1) + p['Transformer/posembed_input/pos_embedding']
+  i = 0
+  while f'Transformer/encoderblock_{i}/LayerNorm_0/scale' in p:
+    blk = f'Transformer/encoderblock_{i}/'
+    att = blk + 'MultiHeadDotProductAttention_0/'
+    y = norm(x, blk + 'LayerNorm_0')
+    q, k, v = (np.einsum('bnd,dhk->bnhk', y, p[att + n + '/kernel']) + p[att + n + '/bias']
+               for n in ('query', 'key', 'value'))
+    scores = np.einsum('bqhk,bthk->bhqt', q, k) / np.sqrt(q.shape[-1])
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    o = np.einsum('bhqt,bthk->bqhk', weights, v)
+    x = x + np.einsum('bqhk,hkd->bqd', o, p[att + 'out/kernel']) + p[att + 'out/bias']
+    y = norm(x, blk + 'LayerNorm_1') @ p[blk + 'MlpBlock_0/Dense_0/kernel'] + p[blk + 'MlpBlock_0/Dense_0/bias']
+    y = 0.5 * y * (1 + scipy.special.erf(y / np.sqrt(2)))
+    x = x + y @ p[blk + 'MlpBlock_0/Dense_1/kernel'] + p[blk + 'MlpBlock_0/Dense_1/bias']
+    i += 1
+  return norm(x, 'Transformer/encoder_norm')[:, 0] @ p['head/kernel'] + p['head/bias']
+
+
+def randomised(model, images, seed=0):
+  """Parameters with every leaf random (so that zero-initialised ones also matter)."""
+  params = model.init(jax.random.key(seed), images)['params']
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+def test_without_prompts_it_is_a_plain_vit():
+  model = vit.get_model('tiny', num_classes=5)
+  images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  params = randomised(model, images)
+  assert set(params) == {'embedding', 'cls', 'Transformer', 'head'}
+  with jax.default_matmul_precision('highest'):
+    assert_close(model.apply({'params': params}, images), numpy_vit(params, images))
+
+
+def test_dropout_acts_on_prompts_only():
+  images = jnp.broadcast_to(jax.random.normal(jax.random.key(3), (1, 32, 32, 3)), (2, 32, 32, 3))
+  plain = vit.get_model('tiny', num_classes=5)
+  params = randomised(plain, images)
+  rngs = {'dropout': jax.random.key(4)}
+  np.testing.assert_array_equal(plain.apply({'params': params}, images, train=True, rngs=rngs),
+                                plain.apply({'params': params}, images))
+  prompted = vit.get_model('tiny', num_classes=5, num_prompts=4, num_kv_prompts=2)
+  params = randomised(prompted, images)
+  train = prompted.apply({'params': params}, images, train=True, rngs=rngs)
+  assert not np.allclose(train[0], train[1])  # independent draws per sample
+  assert not np.allclose(train, prompted.apply({'params': params}, images))
+
+
+def appended_attention(q, k, v, kv_prompt):
+  prompt = jnp.swapaxes(kv_prompt, 0, 1)
+  prompt = jnp.broadcast_to(prompt, (k.shape[0], *prompt.shape))
+  k, v = jnp.concatenate([k, prompt], 1), jnp.concatenate([v, prompt], 1)
+  return jax.nn.dot_product_attention(q, k, v)
+
+
+def test_appending_kv_prompts_gives_the_same_output(golden, golden_model, golden_params):
+  appended = golden_model.clone(attention_fn=appended_attention)
+  with jax.default_matmul_precision('highest'):
+    ours = golden_model.apply({'params': golden_params}, golden['input/images'])
+    other = appended.apply({'params': golden_params}, golden['input/images'])
+  assert_close(other, ours)
+  assert_close(ours, golden['output/logits'])
+
+
+def test_presets_have_the_published_shapes():
+  for name, (width, depth, heads, mlp) in {'Ti/16': (192, 12, 3, 768), 'S/16': (384, 12, 6, 1536),
+                                           'B/16': (768, 12, 12, 3072), 'L/16': (1024, 24, 16, 4096),
+                                           'H/14': (1280, 32, 16, 5120)}.items():
+    model = vit.get_model(name, num_classes=10)
+    assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (width, depth, heads, mlp)
+  assert vit.get_model('H/14', num_classes=10).patch_size == 14
+
+
+def test_prompt_initialisation_bounds():
+  model = vit.get_model('B/16', num_classes=10, num_prompts=10, num_kv_prompts=5, use_masks=True)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  visual, kv = params['prompts']['visual'], params['prompts']['kv']
+  assert visual.shape == (12, 10, 768) and kv.shape == (12, 12, 5, 64)
+  assert 0.06 < float(jnp.abs(visual).max()) <= 0.0625
+  assert 0.13 < float(jnp.abs(kv).max()) <= np.sqrt(6 / (64 * 5))
+  np.testing.assert_array_equal(params['masks']['segment'], np.ones((10, 16)))
+  np.testing.assert_allclose(params['head']['bias'], -np.log(99), rtol=1e-6)
+  assert abs(float(params['head']['kernel'].std()) - np.sqrt(2 / 10)) < 0.03  # N(0, 2/C), 7,680 draws
