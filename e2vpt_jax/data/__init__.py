@@ -1,0 +1,1 @@
+"""Data: VTAB-1k and FGVC readers, preparation, and the sharded batch pipeline."""
