@@ -1,4 +1,4 @@
-"""Pretrained ViT npz loading (Google's layout), position-embedding resize, and adapter files.
+"""Pretrained ViT npz loading (Google's layout), position-embedding resize, adapter files, run state.
 
 An adapter `.npz` holds the E²VPT parameters under their parameter paths: `prompts/visual`
 [depth, P, D], `prompts/kv` [depth, H, L, head_dim], `masks/token` [P], `masks/segment` [P, 16],
@@ -11,19 +11,27 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import orbax.checkpoint as ocp
 import scipy.ndimage
 from flax import traverse_util
-from flax.training.checkpoints import convert_pre_linen
 
 from e2vpt_jax import optim
+from e2vpt_jax.errors import UserError
 
 POSEMB = 'Transformer/posembed_input/pos_embedding'
 NOT_BACKBONE = ('head', 'pre_logits')  # stored in Google's files, never loaded into the backbone
 ADAPTER_GROUPS = ('prompts', 'masks', 'head')
+# Pre-Linen numbered a block's submodules with one counter; Linen counts per type.
+PRE_LINEN = {'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0', 'LayerNorm_2': 'LayerNorm_1',
+             'MlpBlock_3': 'MlpBlock_0'}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint whose arrays do not fit the model."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """A checkpoint path that names no file."""
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:
@@ -34,7 +42,7 @@ def is_adapter(path: tuple[str, ...]) -> bool:
 def read_npz(path: str) -> dict[str, np.ndarray]:
   """All arrays of an npz file by their '/'-joined names."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'checkpoint file {path!r} does not exist')
+    raise CheckpointNotFoundError(f'checkpoint file {path!r} does not exist')
   with np.load(path, allow_pickle=False) as f:
     return {k: f[k] for k in f.files}
 
@@ -49,8 +57,8 @@ def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 def google_vit_params(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """Backbone tree with Linen names from a Google ViT npz's arrays; `head` and `pre_logits` dropped."""
-  kept = {k: v for k, v in arrays.items() if k.split('/')[0] not in NOT_BACKBONE}
-  return convert_pre_linen(unflatten(kept))
+  return unflatten({'/'.join(PRE_LINEN.get(part, part) for part in k.split('/')): v
+                    for k, v in arrays.items() if k.split('/')[0] not in NOT_BACKBONE})
 
 
 def resize_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
@@ -118,3 +126,17 @@ def load_adapter(path: str) -> dict[str, Any]:
   if unknown:
     raise CheckpointMismatchError(f'adapter {path!r} holds keys outside {ADAPTER_GROUPS}: {unknown}')
   return unflatten(arrays)
+
+
+def run_state_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  """Orbax manager for the run state; each save is atomic (written aside, then renamed)."""
+  return ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def restore_latest(manager: ocp.CheckpointManager, like: Any) -> Any | None:
+  """The newest saved run state shaped and sharded like `like`, or None for a fresh run."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.StandardRestore(like))

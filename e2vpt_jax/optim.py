@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from e2vpt_jax.errors import ConfigError
+
 Path = tuple[str, ...]
 Predicate = Callable[[Path], bool]
 TRANSFERS = ('e2vpt', 'vpt', 'linear', 'full')
@@ -27,7 +29,7 @@ def is_trainable(path: Path, transfer: str = 'e2vpt', train_masks: bool = True) 
   they are real-valued (stage 1 of pruning); linear trains the head; full trains everything.
   """
   if transfer not in TRANSFERS:
-    raise ValueError(f'unknown transfer type {transfer!r}; choose one of {TRANSFERS}')
+    raise ConfigError(f'unknown transfer type {transfer!r}; choose one of {TRANSFERS}')
   group = path[0]
   if transfer == 'full':
     return True
@@ -72,15 +74,16 @@ def warmup_cosine(epoch: jax.Array, warmup_epochs: int, total_epochs: int) -> ja
   return jnp.where(epoch < warmup_epochs, epoch / max(warmup_epochs, 1), cosine)
 
 
-def _reference_sgd(learning_rate: float, weight_decay: float, *, momentum: float,
-                   factor: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
-  """torch SGD: buf ← m·buf + (g + wd·p) (no decay on the head bias); p ← p − lr·factor(step)·buf."""
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=_decay_mask),
-      optax.trace(decay=momentum),
-      optax.scale_by_schedule(factor),
-      optax.scale(-learning_rate),
-  )
+def _transform(learning_rate: float, weight_decay: float, *, name: str, momentum: float,
+               factor: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
+  """p ← p − lr·factor(step)·u, no weight decay on the head bias.
+
+  sgd (the reference, torch's SGD): u = buf ← m·buf + (g + wd·p), decay coupled before momentum.
+  adamw (for pretraining a backbone from scratch): u = adam(g) + wd·p, decay decoupled.
+  """
+  decay = optax.add_decayed_weights(weight_decay, mask=_decay_mask)
+  direction = [decay, optax.trace(decay=momentum)] if name == 'sgd' else [optax.scale_by_adam(), decay]
+  return optax.chain(*direction, optax.scale_by_schedule(factor), optax.scale(-learning_rate))
 
 
 def _decay_mask(params: Mapping[str, Any]) -> Any:
@@ -89,14 +92,17 @@ def _decay_mask(params: Mapping[str, Any]) -> Any:
 
 
 def make_optimizer(lr: float, weight_decay: float, batch_size: int, steps_per_epoch: int,
-                   total_epochs: int, warmup_epochs: int,
+                   total_epochs: int, warmup_epochs: int, name: str = 'sgd',
                    momentum: float = 0.9) -> optax.GradientTransformation:
-  """The reference optimizer over the trainable tree.
+  """The reference optimizer (`name='sgd'`) or AdamW over the trainable tree.
 
   The lr is scaled by batch_size / 256 and follows `warmup_cosine`, stepped once per epoch (epoch 0
   runs at lr 0 while the momentum still accumulates). lr and weight decay are arrays in the
   optimizer state (`opt_state.hyperparams`), so runs that differ only in them share one compiled step.
   """
+  if name not in ('sgd', 'adamw'):
+    raise ConfigError(f"unknown optimizer {name!r}; use 'sgd' (the reference) or 'adamw'")
   factor = lambda step: warmup_cosine(step // steps_per_epoch, warmup_epochs, total_epochs)
-  return optax.inject_hyperparams(_reference_sgd, static_args=('momentum', 'factor'))(
-      learning_rate=lr * batch_size / 256, weight_decay=weight_decay, momentum=momentum, factor=factor)
+  return optax.inject_hyperparams(_transform, static_args=('name', 'momentum', 'factor'))(
+      learning_rate=lr * batch_size / 256, weight_decay=weight_decay, name=name, momentum=momentum,
+      factor=factor)

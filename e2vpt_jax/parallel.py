@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from e2vpt_jax.errors import ConfigError
+
 
 def initialize(distributed: bool) -> None:
   """Joins a multi-host job (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS…) before jax is used."""
@@ -24,5 +26,5 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = 'batch_size') -> None:
   if batch_size % mesh.size:
-    raise ValueError(f'config.{name}={batch_size} is not divisible by the {mesh.size} devices; '
+    raise ConfigError(f'config.{name}={batch_size} is not divisible by the {mesh.size} devices; '
                      f'use a multiple of {mesh.size}')

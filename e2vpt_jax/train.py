@@ -1,21 +1,36 @@
-"""Pure training and evaluation steps over (trainable, frozen) parameter trees."""
+"""Training and evaluation: pure jitted steps and the resumable multi-device loop around them."""
 
-from collections.abc import Mapping
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
 
-from e2vpt_jax import optim
+from e2vpt_jax import checkpoints, metrics, optim, parallel
+from e2vpt_jax.data import input as data_input
+from e2vpt_jax.errors import ConfigError
+from e2vpt_jax.models import vit
 
 Batch = Mapping[str, jax.Array]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy over the batch, as the reference's loss."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Mean softmax cross-entropy over the real (mask 1) examples, as the reference's loss."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  if mask is None:
+    return losses.mean()
+  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1)
 
 
 def train_step(trainable: Any, opt_state: optax.OptState, frozen: Any, batch: Batch, rng: jax.Array,
@@ -28,13 +43,179 @@ def train_step(trainable: Any, opt_state: optax.OptState, frozen: Any, batch: Ba
   def loss_fn(trainable):
     logits = model.apply({'params': optim.combine(trainable, frozen)}, batch['image'], train=True,
                          rngs={'dropout': rng})
-    return cross_entropy(logits, batch['label'])
+    return cross_entropy(logits, batch['label'], batch.get('mask'))
 
   loss, grads = jax.value_and_grad(loss_fn)(trainable)
   updates, opt_state = tx.update(grads, opt_state, trainable)
   return optax.apply_updates(trainable, updates), opt_state, {'loss': loss}
 
 
-def eval_step(trainable: Any, frozen: Any, batch: Batch, *, model: nn.Module) -> jax.Array:
-  """Logits in eval mode (no dropout)."""
-  return model.apply({'params': optim.combine(trainable, frozen)}, batch['image'])
+def eval_step(trainable: Any, frozen: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+  """Correct predictions and real examples in a padded batch (eval mode, no dropout)."""
+  logits = model.apply({'params': optim.combine(trainable, frozen)}, batch['image'])
+  mask = batch.get('mask', jnp.ones(logits.shape[:1]))
+  return {'correct': ((logits.argmax(-1) == batch['label']) * mask).sum(), 'count': mask.sum()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """A run's data: the in-memory training set and a re-startable evaluation stream."""
+  train: data_input.InMemory
+  num_classes: int
+  image_size: int
+  eval_examples: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+  augment: data_input.Augment | None = None
+
+
+def load_data(config: ml_collections.ConfigDict) -> Data:
+  """The training and evaluation sets that `config.data` names (source vtab, fgvc or demo)."""
+  d = config.data
+  data_dir = os.path.expanduser(d.data_dir)
+  if d.source == 'vtab':
+    from e2vpt_jax.data import vtab
+    return Data(vtab.load_in_memory(d.task, d.train_split, data_dir), vtab.get_task(d.task).num_classes,
+                vtab.IMAGE_SIZE, lambda: vtab.eval_examples(d.task, d.eval_split, data_dir)[1])
+  if d.source == 'fgvc':
+    from e2vpt_jax.data import fgvc
+    return Data(fgvc.load_train(d.task, data_dir), fgvc.get_dataset(d.task).num_classes, fgvc.CROP,
+                lambda: fgvc.eval_examples(d.task, d.eval_split, data_dir)[1], fgvc.random_crop_flip)
+  if d.source == 'demo':
+    from e2vpt_jax.data import demo
+    train, test = demo.load(d.task, d.train_split), demo.load(d.task, d.eval_split)
+    return Data(train, demo.TASKS[d.task].num_classes, demo.IMAGE_SIZE, lambda: [(test.images, test.labels)])
+  raise ConfigError(f"config.data.source={d.source!r} is unknown; use 'vtab', 'fgvc' or 'demo'")
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT:
+  m = config.model
+  return vit.get_model(m.variant, num_classes=num_classes, num_prompts=m.num_prompts,
+                       num_kv_prompts=m.num_kv_prompts, use_masks=m.use_masks, prompt_dropout=m.prompt_dropout,
+                       dtype=jnp.dtype(config.compute_dtype))
+
+
+def init_params(config: ml_collections.ConfigDict, model: vit.ViT, image_size: int) -> dict[str, Any]:
+  """Fresh prompts and head from `config.seed`; the backbone from `config.pretrained` (or random: 'scratch')."""
+  if not config.pretrained:
+    raise ConfigError('config.pretrained is not set: pass --config.pretrained=PATH/ViT-B_16.npz (Google\'s '
+                      'ImageNet-21k ViT-B/16) or --config.pretrained=scratch for a random backbone')
+  params = model.init(jax.random.key(config.seed), jnp.zeros((1, image_size, image_size, 3)))['params']
+  if config.pretrained == 'scratch':
+    return params
+  adapter, backbone_shapes = optim.partition(params, checkpoints.is_adapter)
+  return optim.combine(adapter, checkpoints.load_backbone(config.pretrained, backbone_shapes))
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir holds one run: resuming it with another config is refused, naming the differences."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(config.to_json_best_effort())
+  if old != new:
+    diff = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
+    raise ConfigError(f'workdir {workdir!r} holds a run with another config ({"; ".join(diff)}); '
+                      'pass a new --workdir, or the same config to resume')
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=1, default=float)
+  os.replace(path + '.tmp', path)
+
+
+def evaluate(eval_fn: Callable, trainable: Any, frozen: Any, data: Data, batch_size: int, mesh) -> float:
+  """Top-1 accuracy over the whole evaluation set, each example counted exactly once."""
+  totals = None
+  for batch in data_input.eval_batches(data.eval_examples(), batch_size, mesh=mesh):
+    out = eval_fn(trainable, frozen, batch)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  return float(totals['correct']) / float(totals['count'])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.transfer` on all devices, evaluating every `eval_every_epochs`; resumes from workdir.
+
+  Every check that can fail on user input runs before anything is written to `workdir`.
+  """
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  check_workdir(config, workdir)
+  data = load_data(config)
+  model = build_model(config, data.num_classes)
+  params = init_params(config, model, data.image_size)
+  pred = optim.predicate(config.transfer, config.train_masks)
+  report = optim.param_report(params, pred)
+  trainable, frozen = optim.partition(params, pred)
+  frozen = jax.tree.map(lambda x: x.astype(config.compute_dtype), frozen)
+  steps_per_epoch = data_input.steps_per_epoch(len(data.train.labels), config.batch_size)
+  total_steps = config.epochs * steps_per_epoch
+  tx = optim.make_optimizer(config.lr, config.weight_decay, config.batch_size, steps_per_epoch,
+                            config.epochs, config.warmup_epochs, config.optimizer)
+  state = parallel.replicate({'trainable': trainable, 'opt_state': tx.init(trainable), 'step': jnp.int32(0)}, mesh)
+  frozen = parallel.replicate(frozen, mesh)
+
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if lead:
+    write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+  manager = checkpoints.run_state_manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  state = checkpoints.restore_latest(manager, state) or state
+  step = int(state['step'])
+  writer = metrics.MetricWriter(workdir, resume_step=step) if lead else None
+  if lead:
+    print(f"{config.transfer} on {config.data.task}: tuned {report['tuned']:,} of {report['total']:,} parameters "
+          f"({report['tuned_percent']:.4f} %), {mesh.size} devices, {total_steps - step} steps to go", flush=True)
+
+  train_fn = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=(0, 1))
+  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+  key = jax.random.key(config.seed)
+  trainable, opt_state = state['trainable'], state['opt_state']
+  record, start_time = {}, time.time()
+  bar = tqdm(total=total_steps * config.batch_size, initial=step * config.batch_size, unit='img',
+             unit_scale=True, desc=f'{config.transfer} {config.data.task}', disable=not lead, smoothing=0.1)
+  for epoch in range(step // steps_per_epoch, config.epochs):
+    losses = []
+    for batch in data_input.train_batches(data.train, config.batch_size, seed=config.seed, epoch=epoch, mesh=mesh,
+                                          start_step=step - epoch * steps_per_epoch, augment=data.augment):
+      trainable, opt_state, out = train_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(key, step))
+      losses.append(out['loss'])
+      step += 1
+      bar.update(config.batch_size)
+      if step % config.log_every_steps == 0:
+        bar.set_postfix(epoch=epoch + 1, loss=f"{float(out['loss']):.4f}")
+    record = {'epoch': epoch + 1, 'train_loss': float(jnp.stack(losses).mean()),
+              'lr': config.lr * config.batch_size / 256 * float(optim.warmup_cosine(epoch, config.warmup_epochs,
+                                                                                   config.epochs))}
+    last = epoch + 1 == config.epochs
+    if last or (epoch + 1) % config.eval_every_epochs == 0:
+      record['eval_accuracy'] = evaluate(eval_fn, trainable, frozen, data, config.eval_batch_size, mesh)
+      bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.4f}", acc=f"{record['eval_accuracy']:.4f}")
+    if writer:
+      writer.write(step, record)
+    if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
+      manager.save(step, args=ocp.args.StandardSave(
+          {'trainable': trainable, 'opt_state': opt_state, 'step': jnp.int32(step)}))
+  bar.close()
+  manager.wait_until_finished()
+  record = record or (metrics.read(workdir)[-1] if lead else {})  # a finished run, restarted
+
+  result = {'transfer': config.transfer, 'task': config.data.task, 'eval_split': config.data.eval_split,
+            'eval_accuracy': record.get('eval_accuracy'), 'train_loss': record.get('train_loss'),
+            'epochs': config.epochs, 'steps': step, 'devices': mesh.size, **report,
+            'wall_time_s': time.time() - start_time}
+  if lead:
+    final = optim.combine(trainable, frozen)
+    checkpoints.save_adapter(os.path.join(workdir, 'adapter.npz'), final)
+    if config.transfer == 'full':
+      _, backbone = optim.partition(final, checkpoints.is_adapter)
+      checkpoints.save_npz_atomic(os.path.join(workdir, 'backbone.npz'),
+                                  {k: np.asarray(v, np.float32) for k, v in checkpoints.flatten(backbone).items()})
+    write_json_atomic(os.path.join(workdir, 'result.json'), result)
+    writer.close()
+    print(f"{config.transfer} on {config.data.task}: {config.data.eval_split} accuracy "
+          f"{100 * result['eval_accuracy']:.2f} % after {config.epochs} epochs -> {workdir}", flush=True)
+  return result

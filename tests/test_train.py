@@ -26,7 +26,8 @@ def setup(batch_size=8):
 
 
 def eval_loss(model, trainable, frozen, batch):
-  return float(train.cross_entropy(train.eval_step(trainable, frozen, batch, model=model), batch['label']))
+  logits = model.apply({'params': optim.combine(trainable, frozen)}, batch['image'])
+  return float(train.cross_entropy(logits, batch['label']))
 
 
 def test_three_steps_train_only_the_trainable_tree():
@@ -96,3 +97,21 @@ def test_optimizer_is_torch_sgd_with_coupled_decay_and_no_decay_on_head_bias():
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert float(state.hyperparams['learning_rate']) == pytest.approx(0.4)
+
+
+def test_bfloat16_compute_keeps_trainables_and_optimizer_in_float32():
+  model, batch, trainable, frozen, tx, _ = setup()
+  model = model.clone(dtype=jnp.bfloat16)
+  frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+  opt_state = tx.init(trainable)
+  for i in range(3):
+    trainable, opt_state, out = step(trainable, opt_state, frozen, batch, jax.random.key(i))
+  assert np.isfinite(out['loss'])
+  assert {x.dtype for x in jax.tree.leaves((trainable, opt_state)) if x.ndim} == {jnp.dtype(jnp.float32)}
+  full = model.clone(dtype=jnp.float32)
+  logits32 = full.apply({'params': optim.combine(trainable, jax.tree.map(lambda x: x.astype(jnp.float32), frozen))},
+                        batch['image'])
+  logits16 = model.apply({'params': optim.combine(trainable, frozen)}, batch['image'])
+  assert logits16.dtype == jnp.float32  # the head reads bf16 features with float32 weights
+  np.testing.assert_allclose(logits16, logits32, atol=0.1 * float(np.abs(logits32).max()))

@@ -59,24 +59,26 @@ class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with the stock Flax submodule names, taking an optional KV prompt."""
   num_heads: int
   attention_fn: AttentionFn = prompted_attention
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), name=name)
+    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
     q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)
     y = self.attention_fn(q, k, v, kv_prompt)
-    return nn.DenseGeneral(width, axis=(-2, -1), name='out')(y)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out')(y)
 
 
 class MlpBlock(nn.Module):
   mlp_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    y = nn.gelu(nn.Dense(self.mlp_dim)(x), approximate=False)
-    return nn.Dense(x.shape[-1])(y)
+    y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype)(x), approximate=False)
+    return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
 
 
 class Encoder1DBlock(nn.Module):
@@ -84,11 +86,13 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   attention_fn: AttentionFn = prompted_attention
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
-    x = x + MultiHeadDotProductAttention(self.num_heads, self.attention_fn)(nn.LayerNorm()(x), kv_prompt)
-    return x + MlpBlock(self.mlp_dim)(nn.LayerNorm()(x))
+    attention = MultiHeadDotProductAttention(self.num_heads, self.attention_fn, self.dtype)
+    x = x + attention(nn.LayerNorm(dtype=self.dtype)(x), kv_prompt)
+    return x + MlpBlock(self.mlp_dim, self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
 
 
 class AddPositionEmbs(nn.Module):
@@ -104,6 +108,7 @@ class Encoder(nn.Module):
   mlp_dim: int
   prompt_dropout: float
   attention_fn: AttentionFn = prompted_attention
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, visual: Array | None, kv: Array | None, mask: Array | None,
@@ -117,15 +122,17 @@ class Encoder(nn.Module):
         if mask is not None:
           p = p * mask
         x = jnp.concatenate([x[:, :1], p, x[:, 1 + (num_prompts if i else 0):]], axis=1)
-      block = Encoder1DBlock(self.num_heads, self.mlp_dim, self.attention_fn, name=f'encoderblock_{i}')
+      block = Encoder1DBlock(self.num_heads, self.mlp_dim, self.attention_fn, self.dtype,
+                             name=f'encoderblock_{i}')
       x = block(x, None if kv is None else kv[i])
-    return nn.LayerNorm(name='encoder_norm')(x)
+    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
 
 
 class ViT(nn.Module):
   """ViT classifier with E²VPT visual prompts (P), key-value prompts (L) and pruning masks.
 
   With num_prompts = num_kv_prompts = 0 it is a plain ViT. Images are NHWC, already normalised.
+  `dtype` is the compute dtype (bfloat16 on accelerators); attention softmax stays in float32.
   """
   num_classes: int
   patch_size: int = 16
@@ -138,11 +145,12 @@ class ViT(nn.Module):
   use_masks: bool = False
   prompt_dropout: float = 0.1
   attention_fn: AttentionFn = prompted_attention
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     p, d = self.patch_size, self.width
-    x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', name='embedding')(images)
+    x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='embedding')(images)
     x = x.reshape(x.shape[0], -1, d)
     cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)).astype(x.dtype), x], axis=1)
@@ -152,7 +160,7 @@ class ViT(nn.Module):
       masks = ParamGroup(name='masks')(token=(nn.initializers.ones, (self.num_prompts,)),
                                        segment=(nn.initializers.ones, (self.num_prompts, NUM_SEGMENTS)))
       mask = masks['token'][:, None] * jnp.tile(masks['segment'], (1, d // NUM_SEGMENTS))
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.prompt_dropout, self.attention_fn,
+    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.prompt_dropout, self.attention_fn, self.dtype,
                 name='Transformer')(x, prompts.get('visual'), prompts.get('kv'), mask, train)
     return nn.Dense(self.num_classes, name='head',
                     kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),

@@ -1,0 +1,51 @@
+"""The config every run shares, and the `key=value,...` argument parser of the config files."""
+
+from ml_collections import config_dict
+
+from e2vpt_jax.errors import ConfigError
+
+
+def parse_arg(arg: str | None, **defaults: str) -> config_dict.ConfigDict:
+  """'task=cifar100,phase=final' over `defaults`; a key outside them is an error naming the valid ones."""
+  values = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ConfigError(f'config argument {item!r} is not key=value with a key in {sorted(defaults)}')
+    values[key] = value
+  return config_dict.ConfigDict(values)
+
+
+def base() -> config_dict.ConfigDict:
+  """Defaults of one training run: the reference's recipe on ViT-B/16 (lr and wd are per task in the paper)."""
+  c = config_dict.ConfigDict()
+  c.mode = 'train'
+  c.seed = 0
+  c.transfer = 'e2vpt'          # e2vpt | vpt | linear | full: what trains (optim.is_trainable)
+  c.train_masks = True          # pruning masks train (stage 1) when model.use_masks
+  c.pretrained = ''             # Google ViT npz, or 'scratch' for a random backbone
+  c.model = config_dict.ConfigDict(dict(variant='B/16', num_prompts=10, num_kv_prompts=5, use_masks=False,
+                                        prompt_dropout=0.1))
+  c.data = config_dict.ConfigDict(dict(source='vtab', task='cifar100', data_dir='~/tensorflow_datasets',
+                                       train_split='train800val200', eval_split='test'))
+  c.optimizer = 'sgd'           # the reference's SGD; adamw only for pretraining from scratch
+  c.lr = 1.0                    # before the batch_size / 256 scaling, as the reference's grid
+  c.weight_decay = 1e-4
+  c.batch_size = 64
+  c.eval_batch_size = 256
+  c.epochs = 100
+  c.warmup_epochs = 10
+  c.compute_dtype = 'float32'   # bfloat16 on accelerators: frozen backbone and activations
+  c.eval_every_epochs = 10
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 2
+  c.log_every_steps = 10
+  c.distributed = False         # join a multi-host job (jax.distributed.initialize)
+  return c
+
+
+def set_transfer(c: config_dict.ConfigDict, transfer: str, num_prompts: int, num_kv_prompts: int) -> None:
+  """Prompt lengths of a transfer type: e2vpt keeps both, vpt drops the KV prompts, linear/full drop both."""
+  c.transfer = transfer
+  c.model.num_prompts = num_prompts if transfer in ('e2vpt', 'vpt') else 0
+  c.model.num_kv_prompts = num_kv_prompts if transfer == 'e2vpt' else 0
