@@ -1,8 +1,9 @@
 """The offline demo: `--config=configs/demo.py`.
 
 Pretrains a small ViT from scratch on procedural shapes, then adapts it to scikit-learn's real
-handwritten digits with E²VPT and with a linear probe, and prints both (about 3 minutes on 2 CPU cores).
-`configs/demo.py:stage=e2vpt` (or pretrain, linear) is one stage alone, an ordinary training config
+handwritten digits with E²VPT and with a linear probe, prints both, then trains E²VPT with pruning
+masks (stage 1 of pruning) and compares the pruning scores on it (about 3 minutes on 2 CPU cores).
+`configs/demo.py:stage=e2vpt` (or pretrain, linear, masked) is one stage alone, an ordinary training config
 (then --config.pretrained names the backbone).
 """
 
@@ -31,6 +32,7 @@ def get_config(arg: str | None = None):
       'linear': dict(transfer='linear', task='digits', lr=1.0, weight_decay=1e-4, batch_size=64, epochs=150,
                      warmup_epochs=3, num_prompts=0, num_kv_prompts=0),
   })
+  c.stages.masked = dict(c.stages.e2vpt.to_dict(), use_masks=True)  # stage 1 of pruning: masks train too
   if not stage:
     c.lock()
     return c

@@ -1,16 +1,18 @@
-"""Throughput benchmarks: `python -m e2vpt_jax.bench --what=input` (results go to BENCHMARKS.md)."""
+"""Benchmarks: `python -m e2vpt_jax.bench --what=input|prune_flops` (results go to BENCHMARKS.md)."""
 
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from e2vpt_jax import parallel
+from e2vpt_jax.models import vit
 from e2vpt_jax.data import input as data_input
 
-_WHAT = flags.DEFINE_enum('what', 'input', ['input'], 'what to measure')
+_WHAT = flags.DEFINE_enum('what', 'input', ['input', 'prune_flops'], 'what to measure')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'global batch size (VTAB: 64)')
 _EPOCHS = flags.DEFINE_integer('epochs', 5, 'timed epochs, after one warm-up epoch')
 
@@ -44,7 +46,24 @@ def bench_input() -> None:
         f'{_images_per_second(data, normalized=True):,.0f} images/s')
 
 
-BENCHMARKS: dict[str, Callable[[], None]] = {'input': bench_input}
+def forward_flops(model: vit.ViT, image_size: int = 224) -> float:
+  """FLOPs of one image's eval forward as XLA's cost analysis counts them (2 per multiply-add)."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), images)
+  return jax.jit(model.apply).lower(params, images).compile().cost_analysis()['flops']
+
+
+def bench_prune_flops() -> None:
+  """ViT-B/16 E²VPT (L = 5) inference FLOPs by prompt tokens kept: drop mode removes pruned tokens."""
+  plain = forward_flops(vit.get_model('B/16', num_classes=100))
+  print(f'plain ViT-B/16: {plain / 1e9:.2f} GFLOPs per image')
+  for kept in (10, 8, 5, 2):
+    flops = forward_flops(vit.get_model('B/16', num_classes=100, num_prompts=kept, num_kv_prompts=5, use_masks=True))
+    print(f'P = 10, {10 - kept} pruned tokens dropped ({kept} kept), L = 5: {flops / 1e9:.2f} GFLOPs per image '
+          f'({flops / plain:.3f} × plain)')
+
+
+BENCHMARKS: dict[str, Callable[[], None]] = {'input': bench_input, 'prune_flops': bench_prune_flops}
 
 
 def main(argv: list[str]) -> None:

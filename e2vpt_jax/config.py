@@ -41,6 +41,16 @@ def base() -> config_dict.ConfigDict:
   c.keep_checkpoints = 2
   c.log_every_steps = 10
   c.distributed = False         # join a multi-host job (jax.distributed.initialize)
+  # This run's pruned prompt entries (rewind and final runs): token ids, and per token its segment ids.
+  # mode=mask keeps zeroed tokens in the sequence (the original); drop removes them.
+  c.prune = config_dict.ConfigDict(dict(tokens=(), segments=(), mode='mask'))
+  c.init_adapter = ''           # start prompts and head from this adapter npz instead of fresh values
+  # The pruning protocol (mode=prune): stage 1 with trainable masks on the tune splits, importance,
+  # a rewind run per (N, M), the best by last-epoch tune accuracy, then final runs over seeds.
+  c.pruning = config_dict.ConfigDict(dict(
+      importance='signed', rewind='fresh', mode='mask', tune_splits=('train800', 'val200'),
+      token_counts=(), segment_counts=(),  # empty: the original's candidate schedule
+      seeds=(42, 44, 82, 100, 800)))
   return c
 
 

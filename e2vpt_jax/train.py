@@ -17,7 +17,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from e2vpt_jax import checkpoints, metrics, optim, parallel
+from e2vpt_jax import checkpoints, masks, metrics, optim, parallel
 from e2vpt_jax.data import input as data_input
 from e2vpt_jax.errors import ConfigError
 from e2vpt_jax.models import vit
@@ -27,7 +27,8 @@ Batch = Mapping[str, jax.Array]
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Mean softmax cross-entropy over the real (mask 1) examples, as the reference's loss."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   if mask is None:
     return losses.mean()
   return (losses * mask).sum() / jnp.maximum(mask.sum(), 1)
@@ -87,22 +88,35 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT:
+  """The configured ViT; in drop mode without its pruned prompt tokens."""
   m = config.model
-  return vit.get_model(m.variant, num_classes=num_classes, num_prompts=m.num_prompts,
+  if config.prune.mode not in masks.MODES:
+    raise ConfigError(f'config.prune.mode={config.prune.mode!r} is unknown; use one of {masks.MODES}')
+  dropped = len(config.prune.tokens) if config.prune.mode == 'drop' else 0
+  return vit.get_model(m.variant, num_classes=num_classes, num_prompts=m.num_prompts - dropped,
                        num_kv_prompts=m.num_kv_prompts, use_masks=m.use_masks, prompt_dropout=m.prompt_dropout,
                        dtype=jnp.dtype(config.compute_dtype))
 
 
 def init_params(config: ml_collections.ConfigDict, model: vit.ViT, image_size: int) -> dict[str, Any]:
-  """Fresh prompts and head from `config.seed`; the backbone from `config.pretrained` (or random: 'scratch')."""
+  """Prompts and head fresh from `config.seed` (or from `config.init_adapter`), the pruned entries'
+  masks set to 0 (and in drop mode their tokens removed), the backbone from `config.pretrained`."""
   if not config.pretrained:
     raise ConfigError('config.pretrained is not set: pass --config.pretrained=PATH/ViT-B_16.npz (Google\'s '
                       'ImageNet-21k ViT-B/16) or --config.pretrained=scratch for a random backbone')
-  params = model.init(jax.random.key(config.seed), jnp.zeros((1, image_size, image_size, 3)))['params']
-  if config.pretrained == 'scratch':
-    return params
-  adapter, backbone_shapes = optim.partition(params, checkpoints.is_adapter)
-  return optim.combine(adapter, checkpoints.load_backbone(config.pretrained, backbone_shapes))
+  full = model.clone(num_prompts=config.model.num_prompts)
+  params = full.init(jax.random.key(config.seed), jnp.zeros((1, image_size, image_size, 3)))['params']
+  adapter, backbone = optim.partition(params, checkpoints.is_adapter)
+  if config.init_adapter:
+    adapter = checkpoints.fit(checkpoints.load_adapter(config.init_adapter), adapter,
+                              f'adapter {config.init_adapter!r}')
+  if config.prune.tokens or config.prune.segments:
+    adapter['masks'] = masks.binary_masks(config.model.num_prompts, config.prune.tokens, config.prune.segments)
+    if config.prune.mode == 'drop':
+      adapter = masks.drop(adapter, config.prune.tokens)
+  if config.pretrained != 'scratch':
+    backbone = checkpoints.load_backbone(config.pretrained, backbone)
+  return optim.combine(adapter, backbone)
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -166,6 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = checkpoints.restore_latest(manager, state) or state
   step = int(state['step'])
   writer = metrics.MetricWriter(workdir, resume_step=step) if lead else None
+  if lead and step == 0:  # the starting values, for rewinding to them
+    checkpoints.save_adapter(os.path.join(workdir, 'adapter_init.npz'), params)
   if lead:
     print(f"{config.transfer} on {config.data.task}: tuned {report['tuned']:,} of {report['total']:,} parameters "
           f"({report['tuned_percent']:.4f} %), {mesh.size} devices, {total_steps - step} steps to go", flush=True)

@@ -154,10 +154,14 @@ def test_demo_runs_all_stages_and_prints_the_comparison(tmp_path, capsys):
   for stage in c.stages.values():
     stage.epochs, stage.warmup_epochs = 1, 0
   results = demo.run(c, str(tmp_path))
-  assert set(results) == {'pretrain', 'e2vpt', 'linear'}
+  assert set(results) == {'pretrain', 'e2vpt', 'linear', 'masked'}
   table = capsys.readouterr().out
   assert '| E²VPT |' in table and '| linear probe |' in table
   assert json.loads((tmp_path / 'result.json').read_text())['e2vpt']['tuned'] == 4490
+  rows = json.loads((tmp_path / 'pruning_report.json').read_text())['score_comparison']
+  assert {(r['importance'], r['tokens_pruned']) for r in rows} == {(k, n) for k in ('signed', 'abs', 'ablation')
+                                                                    for n in range(1, 10)}
+  assert '| tokens pruned | signed | abs | ablation |' in table
 
 
 def test_config_files_take_lengths_and_splits_from_the_task_tables():

@@ -3,7 +3,7 @@
 `shapes`: one coloured sprite (square, disk, triangle or cross) at a random position, scale and
 rotation on a noisy background, drawn deterministically from a seed; the label is the shape.
 `digits`: the 1,797 handwritten 8 × 8 digits that ship with scikit-learn, upscaled to 32 × 32 grey
-images; 1,000 train (as VTAB-1k) and 797 test, split by a fixed permutation.
+images; 1,000 train (as VTAB-1k: train800 + val200) and 797 test, split by a fixed permutation.
 """
 
 import dataclasses
@@ -48,7 +48,8 @@ class Task:
 
 TASKS = {
     'shapes': Task(NUM_SHAPES, {'train': lambda: shapes(0, 16384), 'test': lambda: shapes(1, 1024)}),
-    'digits': Task(10, {'train': lambda: digits(0, slice(0, 1000)), 'test': lambda: digits(0, slice(1000, None))}),
+    'digits': Task(10, {'train': lambda: digits(0, slice(0, 1000)), 'test': lambda: digits(0, slice(1000, None)),
+                        'train800': lambda: digits(0, slice(0, 800)), 'val200': lambda: digits(0, slice(800, 1000))}),
 }
 
 

@@ -51,7 +51,7 @@ def prompted_attention(q: Array, k: Array, v: Array, kv_prompt: Array | None) ->
     k = jnp.concatenate([prompt, k], axis=1)
     v = jnp.concatenate([prompt, v], axis=1)
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+  weights = jax.nn.softmax(scores.astype(jnp.promote_types(scores.dtype, jnp.float32)), axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
 
 

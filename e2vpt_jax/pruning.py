@@ -1,0 +1,204 @@
+"""Token- and segment-wise prompt pruning: importance, the candidate schedule, selection, application.
+
+Masks are arrays beside the prompts (`masks/token` [P], `masks/segment` [P, 16], strided tiling).
+Importance is the gradient of the loss with respect to them in eval mode, averaged over the training
+batches (signed, as the original code; `abs` as the paper), or, for tokens, `ablation`: the increase
+of the loss when a token is removed, all P at once in one vmapped pass. The original's token scores
+are close to arbitrary: a prompt token reaches the rest only through a LayerNorm, which ignores the
+token's scale, so d(loss)/dT at T = 1 is set by LayerNorm's eps.
+"""
+
+import functools
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from e2vpt_jax import checkpoints, masks, optim, parallel, train
+from e2vpt_jax.data import input as data_input
+from e2vpt_jax.errors import ConfigError
+from e2vpt_jax.models.vit import NUM_SEGMENTS
+
+IMPORTANCE = ('signed', 'abs', 'ablation')
+PERCENTS = range(10, 100, 10)
+MIN_TOKENS, MIN_SEGMENTS = 1, 4  # the original's MIN_NUMBER_CLS_TOKEN(_PIECE): never prune below these
+
+
+def candidates(total: int, keep_at_least: int) -> list[int]:
+  """How many of `total` to prune, as the original: int(total·q/100) for q = 10…90, stopping at the cap."""
+  counts = []
+  for q in PERCENTS:
+    n = min(int(total * q / 100), total - keep_at_least)
+    if n not in counts:
+      counts.append(n)
+    if n == total - keep_at_least:
+      break
+  return counts
+
+
+def token_candidates(num_prompts: int) -> list[int]:
+  return candidates(num_prompts, MIN_TOKENS)
+
+
+def segment_candidates() -> list[int]:
+  return candidates(NUM_SEGMENTS, MIN_SEGMENTS)
+
+
+def _mask_loss(masks: Mapping[str, jax.Array], params: Any, batch: train.Batch, model: nn.Module) -> jax.Array:
+  logits = model.apply({'params': optim.combine(params, {'masks': masks})}, batch['image'])
+  return train.cross_entropy(logits, batch['label'], batch.get('mask'))
+
+
+def _batch_scores(params: Any, batch: train.Batch, *, model: nn.Module, kind: str) -> dict[str, jax.Array]:
+  """One batch's token [P] and segment [P, 16] scores (eval mode, masks at their current values)."""
+  masks, rest = params['masks'], {k: v for k, v in params.items() if k != 'masks'}
+  loss, grads = jax.value_and_grad(_mask_loss)(masks, rest, batch, model)
+  if kind == 'abs':
+    grads = jax.tree.map(jnp.abs, grads)
+  if kind != 'ablation':
+    return grads
+  removed = lambda k: {**masks, 'token': masks['token'].at[k].set(0)}
+  losses = jax.vmap(lambda k: _mask_loss(removed(k), rest, batch, model))(jnp.arange(masks['token'].shape[0]))
+  return {'token': losses - loss, 'segment': grads['segment']}
+
+
+def importance(params: Any, batches: Iterable[train.Batch], model: nn.Module,
+               kind: str = 'signed') -> dict[str, np.ndarray]:
+  """Mean over the batches of the per-batch scores; a short last batch weighs as much as a full one.
+
+  signed and abs score tokens and segments by their mask gradient (prune the lowest first);
+  ablation scores tokens by the loss increase on removing them and segments by the signed gradient.
+  """
+  if kind not in IMPORTANCE:
+    raise ConfigError(f'importance={kind!r} is unknown; use one of {IMPORTANCE}')
+  step = jax.jit(lambda p, b: _batch_scores(p, b, model=model, kind=kind))
+  total, count = None, 0
+  for batch in batches:
+    scores = step(params, batch)
+    total = scores if total is None else jax.tree.map(jnp.add, total, scores)
+    count += 1
+  return {k: np.asarray(v / count) for k, v in total.items()}
+
+
+def select(scores: Mapping[str, np.ndarray], num_tokens: int, num_segments: int) -> dict[str, Any]:
+  """The `num_tokens` lowest-scored tokens and, for every token, its `num_segments` lowest segments.
+
+  Stable ascending sorts, so the selections are nested as the counts grow (the original's order).
+  """
+  tokens = np.argsort(scores['token'], kind='stable')[:num_tokens]
+  segments = np.argsort(scores['segment'], axis=1, kind='stable')[:, :num_segments]
+  return {'tokens': sorted(int(t) for t in tokens), 'segments': [sorted(int(s) for s in row) for row in segments]}
+
+
+def run_config(config: ml_collections.ConfigDict, *, splits: tuple[str, str], seed: int | None = None,
+               pruned: Mapping[str, Any] | None = None, init_adapter: str = '') -> ml_collections.ConfigDict:
+  """One run of the protocol: masks trainable (stage 1) or `pruned` and frozen (rewind, final)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.mode = 'train'
+  c.model.use_masks = True
+  c.train_masks = pruned is None
+  c.data.train_split, c.data.eval_split = splits
+  c.seed = config.seed if seed is None else seed
+  c.init_adapter = init_adapter
+  if pruned is not None:
+    c.prune.tokens, c.prune.segments, c.prune.mode = pruned['tokens'], pruned['segments'], config.pruning.mode
+  c.lock()
+  return c
+
+
+def trained_params(config: ml_collections.ConfigDict, workdir: str, data: train.Data) -> dict[str, Any]:
+  """The parameters a finished run ended with: its backbone and its exported adapter."""
+  model = train.build_model(config, data.num_classes)
+  _, backbone = optim.partition(train.init_params(config, model, data.image_size), checkpoints.is_adapter)
+  return optim.combine(backbone, checkpoints.load_adapter(os.path.join(workdir, 'adapter.npz')))
+
+
+def scores_for(config: ml_collections.ConfigDict, data: train.Data, params: Any, kind: str) -> dict[str, np.ndarray]:
+  """Importance of `params` over one pass of the run's training set."""
+  batches = data_input.train_batches(data.train, config.batch_size, seed=config.seed, epoch=0,
+                                     mesh=parallel.make_mesh())
+  return importance(params, batches, train.build_model(config, data.num_classes), kind)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The whole protocol, each run resumable in its own sub-workdir; writes pruning_report.json."""
+  p = config.pruning
+  if p.rewind not in ('fresh', 'init'):
+    raise ConfigError(f"config.pruning.rewind={p.rewind!r} is unknown; use 'fresh' (the original) or 'init'")
+  tune, final_splits = tuple(p.tune_splits), (config.data.train_split, config.data.eval_split)
+  stage1 = run_config(config, splits=tune)
+  before = train.train_and_evaluate(stage1, os.path.join(workdir, 'stage1'))
+  data = train.load_data(stage1)
+  path = os.path.join(workdir, 'importance.json')
+  if not os.path.exists(path):
+    scores = scores_for(stage1, data, trained_params(stage1, os.path.join(workdir, 'stage1'), data), p.importance)
+    train.write_json_atomic(path, {k: v.tolist() for k, v in scores.items()})
+  with open(path) as f:
+    scores = {k: np.asarray(v) for k, v in json.load(f).items()}
+  init = os.path.join(workdir, 'stage1', 'adapter_init.npz') if p.rewind == 'init' else ''
+  rewinds = []
+  for n in p.token_counts or token_candidates(config.model.num_prompts):
+    for m in p.segment_counts or segment_candidates():
+      pruned = select(scores, n, m)
+      r = train.train_and_evaluate(run_config(config, splits=tune, pruned=pruned, init_adapter=init),
+                                   os.path.join(workdir, 'rewind', f'N{n}_M{m}'))
+      rewinds.append({'tokens_pruned': n, 'segments_pruned': m, **pruned, 'accuracy': r['eval_accuracy']})
+  best = max(rewinds, key=lambda r: (r['accuracy'], r['tokens_pruned'], r['segments_pruned']))
+  finals = {seed: train.train_and_evaluate(run_config(config, splits=final_splits, seed=seed, pruned=best,
+                                                      init_adapter=init),
+                                           os.path.join(workdir, 'final', f'seed{seed}'))['eval_accuracy']
+            for seed in p.seeds}
+  model = train.build_model(stage1, data.num_classes)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, data.image_size, data.image_size, 3)))
+  frozen = optim.param_report(shapes['params'], optim.predicate(config.transfer, train_masks=False))
+  best_masks = masks.binary_masks(config.model.num_prompts, best['tokens'], best['segments'])
+  report = {'importance': p.importance, 'rewind': p.rewind, 'mode': p.mode,
+            'scores': {k: v.tolist() for k, v in scores.items()},
+            'tune_accuracy_before': before['eval_accuracy'], 'rewinds': rewinds, 'chosen': best,
+            'final_accuracy': finals, 'final_mean': float(np.mean(list(finals.values()))),
+            'final_std': float(np.std(list(finals.values()))),
+            'tuned_before': {k: before[k] for k in ('tuned', 'total', 'tuned_percent')},
+            'tuned_after': masks.pruned_report(frozen, best_masks, shapes['params']['prompts']['visual'].shape)}
+  train.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), report)
+  print(f"pruning ({p.importance} scores, rewind {p.rewind}, {p.mode} mode): chose N={best['tokens_pruned']} "
+        f"tokens {best['tokens']}, M={best['segments_pruned']} segments per token (tune accuracy "
+        f"{100 * best['accuracy']:.2f} %); final accuracy {100 * report['final_mean']:.2f} ± "
+        f"{100 * report['final_std']:.2f} % over seeds {list(p.seeds)}; tuned "
+        f"{report['tuned_before']['tuned_percent']:.4f} % -> {report['tuned_after']['tuned_percent']:.4f} %",
+        flush=True)
+  return report
+
+
+def compare_scores(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """Eval accuracy of the finished masked run in `workdir` with its N lowest-scored tokens zeroed, for
+  every score kind and candidate N, without retraining: how well each score ranks the tokens."""
+  data = train.load_data(config)
+  params = trained_params(config, workdir, data)
+  model = train.build_model(config, data.num_classes)
+  mesh = parallel.make_mesh()
+  eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
+  rows = []
+  for kind in IMPORTANCE:
+    scores = scores_for(config, data, params, kind)
+    for n in token_candidates(config.model.num_prompts):
+      tokens = select(scores, n, 0)['tokens']
+      token = params['masks']['token'] * masks.binary_masks(config.model.num_prompts, tokens, [])['token']
+      pruned = {**params, 'masks': {**params['masks'], 'token': token}}
+      rows.append({'importance': kind, 'tokens_pruned': n, 'tokens': tokens,
+                   'accuracy': train.evaluate(eval_fn, pruned, {}, data, config.eval_batch_size, mesh)})
+  return rows
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+  """Markdown: accuracy per number of pruned tokens (rows) and score kind (columns)."""
+  by = {(r['tokens_pruned'], r['importance']): r['accuracy'] for r in rows}
+  lines = ['| tokens pruned | ' + ' | '.join(IMPORTANCE) + ' |', '|---' * (len(IMPORTANCE) + 1) + '|']
+  for n in sorted({r['tokens_pruned'] for r in rows}):
+    lines.append(f'| {n} | ' + ' | '.join(f'{100 * by[n, k]:.1f} %' for k in IMPORTANCE) + ' |')
+  return '\n'.join(lines)
