@@ -2,7 +2,7 @@
 
 Pretrains a small ViT from scratch on procedural shapes, then adapts it to scikit-learn's real
 handwritten digits with E²VPT and with a linear probe, prints both, then trains E²VPT with pruning
-masks (stage 1 of pruning) and compares the pruning scores on it (about 3 minutes on 2 CPU cores).
+masks (stage 1 of pruning) and compares the pruning scores on it (about 3.5 minutes on 2 CPU cores).
 `configs/demo.py:stage=e2vpt` (or pretrain, linear, masked) is one stage alone, an ordinary training config
 (then --config.pretrained names the backbone).
 """
