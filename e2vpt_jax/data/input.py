@@ -123,7 +123,7 @@ def train_batches(data: InMemory, batch_size: int, *, seed: int, epoch: int, mes
   order = epoch_permutation(n, seed, epoch)
   rows = local_rows(mesh, batch_size)
 
-  def host() -> Iterator[Batch]:
+  def host() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     for step in range(start_step, steps_per_epoch(n, batch_size)):
       chunk = order[step * batch_size:(step + 1) * batch_size]
       index = np.pad(chunk, (0, batch_size - len(chunk)))[rows]
@@ -131,9 +131,15 @@ def train_batches(data: InMemory, batch_size: int, *, seed: int, epoch: int, mes
         images = gather(data.images, index)
       else:
         images = augment(data.images[index], np.random.default_rng([seed, epoch, step, jax.process_index()]))
-      yield _place(images, data.labels[index], rows < len(chunk), batch_size, mesh, normalized)
+      yield images, data.labels[index], rows < len(chunk)
 
-  return prefetch(host())
+  def placed() -> Iterator[Batch]:
+    # Only host work runs ahead; device work stays on the caller's thread, because programs dispatched
+    # from two threads can reach the devices in different orders and deadlock a step's all-reduce.
+    for images, labels, mask in prefetch(host()):
+      yield _place(images, labels, mask, batch_size, mesh, normalized)
+
+  return placed()
 
 
 def _rebatch(chunks: Iterable[tuple[np.ndarray, np.ndarray]],
