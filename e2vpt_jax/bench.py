@@ -1,18 +1,37 @@
-"""Benchmarks: `python -m e2vpt_jax.bench --what=input|prune_flops` (results go to BENCHMARKS.md)."""
+"""Benchmarks: `python -m e2vpt_jax.bench --what=train|eval|task|input|prune_flops` (rows for BENCHMARKS.md).
 
+FLOPs are XLA's cost analysis of the compiled step (2 FLOPs per multiply-add, forward and backward
+as compiled); MFU divides the achieved FLOP/s by the devices' dense bf16 peak, for float32 rows too.
+"""
+
+import dataclasses
+import functools
+import os
+import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from e2vpt_jax import parallel
+from e2vpt_jax import optim, parallel, train
 from e2vpt_jax.models import vit
 from e2vpt_jax.data import input as data_input
 
-_WHAT = flags.DEFINE_enum('what', 'input', ['input', 'prune_flops'], 'what to measure')
+_WHAT = flags.DEFINE_enum('what', 'train', ['train', 'eval', 'task', 'input', 'prune_flops'], 'what to measure')
+_VARIANT = flags.DEFINE_string('variant', 'B/16', 'ViT preset (tiny for a quick check)')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'image side in pixels')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['8'], 'global batch sizes to measure')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'compute dtypes: float32, bfloat16')
+_TRANSFERS = flags.DEFINE_list('transfers', ['e2vpt', 'full'], 'e2vpt (P = 10, L = 5), vpt, linear, full')
+_REMAT = flags.DEFINE_string('remat', '', "block rematerialisation: '', 'auto', 'dots' or 'full'")
+_STEPS = flags.DEFINE_integer('steps', 3, 'timed steps after one warm-up step')
+_TASK_EPOCHS = flags.DEFINE_integer('task_epochs', 100, 'epochs of the one-task run (--what=task)')
+_TEST_IMAGES = flags.DEFINE_integer('test_images', 10000, 'evaluation images of the one-task run')
+_PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', 0, 'dense bf16 peak of one device; 0: from its kind')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'global batch size (VTAB: 64)')
 _EPOCHS = flags.DEFINE_integer('epochs', 5, 'timed epochs, after one warm-up epoch')
 
@@ -63,11 +82,151 @@ def bench_prune_flops() -> None:
           f'({flops / plain:.3f} × plain)')
 
 
-BENCHMARKS: dict[str, Callable[[], None]] = {'input': bench_input, 'prune_flops': bench_prune_flops}
+PEAK_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'TPU v4': 275.0, 'TPU v5p': 459.0, 'TPU v5 lite': 197.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """One measured configuration."""
+  variant: str = 'B/16'
+  image_size: int = 224
+  batch_size: int = 8
+  dtype: str = 'float32'
+  transfer: str = 'e2vpt'
+  remat: str = ''
+
+
+def peak_tflops(per_device: float = 0) -> float | None:
+  """Dense bf16 peak of all devices, from `per_device` or the device kind (None when unknown: CPU)."""
+  kind = jax.devices()[0].device_kind
+  one = per_device or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+  return one and one * jax.device_count()
+
+
+def peak_memory_gb() -> float:
+  """The device's peak allocation where it reports one, else this process's peak resident memory."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'] / 1e9
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def model_of(s: Setup) -> vit.ViT:
+  """ViT with 100 classes; e2vpt has P = 10, L = 5 (the typical VTAB command), vpt P = 10."""
+  prompts = {'e2vpt': (10, 5), 'vpt': (10, 0)}.get(s.transfer, (0, 0))
+  return vit.get_model(s.variant, num_classes=100, num_prompts=prompts[0], num_kv_prompts=prompts[1],
+                       dtype=jnp.dtype(s.dtype), remat=s.remat)
+
+
+def step_setup(s: Setup, training: bool) -> tuple[Callable, tuple, Callable]:
+  """The product's jitted train (or eval) step on random ViT weights and a sharded random batch:
+  (step, first arguments, next arguments from a step's outputs)."""
+  model = model_of(s)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, s.image_size, s.image_size, 3)))['params']
+  trainable, frozen = optim.partition(params, optim.predicate(s.transfer))
+  mesh = parallel.make_mesh()
+  frozen = parallel.replicate(jax.tree.map(lambda x: x.astype(s.dtype), frozen), mesh)
+  trainable = parallel.replicate(trainable, mesh)
+  batch = jax.device_put({'image': jax.random.normal(jax.random.key(1), (s.batch_size, s.image_size, s.image_size, 3)),
+                          'label': jnp.arange(s.batch_size) % 100, 'mask': jnp.ones(s.batch_size)},
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  if not training:
+    return jax.jit(functools.partial(train.eval_step, model=model)), (trainable, frozen, batch), lambda out: None
+  tx = optim.make_optimizer(1.0, 1e-4, s.batch_size, 13, 100, 10)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx), donate_argnums=(0, 1))
+  key = jax.random.key(2)
+  return step, (trainable, parallel.replicate(tx.init(trainable), mesh), frozen, batch, key), \
+      lambda out: (out[0], out[1], frozen, batch, key)
+
+
+def measure(s: Setup, training: bool, steps: int, peak_per_device: float = 0) -> dict[str, Any]:
+  """Images/s, achieved TFLOP/s, MFU, XLA's step memory, peak memory and compile time of one setup."""
+  step, args, feed = step_setup(s, training)
+  start = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  flops = compiled.cost_analysis()['flops'] * jax.device_count()
+  memory = compiled.memory_analysis()
+  out = jax.block_until_ready(compiled(*args))
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = compiled(*(feed(out) or args))
+  jax.block_until_ready(out)
+  seconds = (time.perf_counter() - start) / steps
+  peak = peak_tflops(peak_per_device)
+  return {**dataclasses.asdict(s), 'what': 'train' if training else 'eval', 'step_s': seconds,
+          'images_per_s': s.batch_size / seconds, 'tflops': flops / seconds / 1e12,
+          'mfu': peak and flops / seconds / 1e12 / peak, 'gflop_per_image': flops / s.batch_size / 1e9,
+          'step_memory_gb': (memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 1e9,
+          'peak_memory_gb': peak_memory_gb(), 'compile_s': compile_s}
+
+
+def row(r: Mapping[str, Any]) -> str:
+  """A markdown table row for BENCHMARKS.md."""
+  mfu = '–' if r['mfu'] is None else f"{100 * r['mfu']:.1f} %"
+  return (f"| {r['what']} | {r['variant']} {r['image_size']} px | {r['transfer']} | {r['dtype']} | {r['batch_size']} | "
+          f"{r['remat'] or 'none'} | {r['images_per_s']:,.1f} img/s ({r['step_s']:.3f} s/step) | {r['tflops']:.2f} | "
+          f"{mfu} | {r['step_memory_gb']:.2f} | {r['peak_memory_gb']:.2f} | {r['compile_s']:.1f} |")
+
+
+def bench_steps(training: bool) -> None:
+  device = f'{jax.device_count()} × {jax.devices()[0].device_kind}, jax {jax.__version__}'
+  print(f'{device}\n| step | model | transfer | dtype | batch | remat | throughput | TFLOP/s | MFU | '
+        'XLA step memory GB | peak memory GB | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|')
+  for transfer in _TRANSFERS.value:
+    for dtype in _DTYPES.value:
+      for batch_size in map(int, _BATCH_SIZES.value):
+        setup = Setup(_VARIANT.value, _IMAGE_SIZE.value, batch_size, dtype, transfer, _REMAT.value)
+        print(row(measure(setup, training, _STEPS.value, _PEAK_TFLOPS.value)), flush=True)
+
+
+def one_task(s: Setup, epochs: int, test_images: int) -> dict[str, float]:
+  """Wall-clock of one VTAB-style run on synthetic data: `epochs` over 1,000 in-memory images through
+  the product's batches and step, then one evaluation over `test_images`, compilation included."""
+  rng = np.random.default_rng(0)
+  images = lambda n: rng.integers(0, 256, (n, s.image_size, s.image_size, 3), dtype=np.uint8)
+  data = data_input.InMemory(images(1000), rng.integers(0, 100, 1000, dtype=np.int32))
+  test = [(images(min(1000, test_images - i)), np.zeros(min(1000, test_images - i), np.int32))
+          for i in range(0, test_images, 1000)]
+  mesh = parallel.make_mesh()
+  start = time.perf_counter()
+  step, (trainable, opt_state, frozen, _, key), _ = step_setup(s, training=True)
+  for epoch in range(epochs):
+    for batch in data_input.train_batches(data, s.batch_size, seed=0, epoch=epoch, mesh=mesh):
+      trainable, opt_state, _ = step(trainable, opt_state, frozen, batch, key)
+  evaluate = jax.jit(functools.partial(train.eval_step, model=model_of(s)))
+  totals = [evaluate(trainable, frozen, b) for b in data_input.eval_batches(test, 256, mesh=mesh)]
+  jax.block_until_ready(totals)
+  return {'epochs': epochs, 'test_images': test_images, 'wall_s': time.perf_counter() - start}
+
+
+def bench_task() -> None:
+  setup = Setup(_VARIANT.value, _IMAGE_SIZE.value, int(_BATCH_SIZES.value[0]), _DTYPES.value[0],
+                _TRANSFERS.value[0], _REMAT.value)
+  result = one_task(setup, _TASK_EPOCHS.value, _TEST_IMAGES.value)
+  print(f'one task ({setup}): {result["epochs"]} epochs over 1,000 images + {result["test_images"]:,} test images: '
+        f'{result["wall_s"]:.1f} s on {jax.device_count()} × {jax.devices()[0].device_kind}')
+
+
+def from_config(config: Any, workdir: str) -> list[dict[str, Any]]:
+  """`config.mode=bench`: the train and eval steps of the configured model, written to workdir/bench.json."""
+  setup = Setup(config.model.variant, 224, config.batch_size, config.compute_dtype, config.transfer,
+                config.model.remat)
+  rows = [measure(setup, training, 3) for training in (True, False)]
+  os.makedirs(workdir, exist_ok=True)
+  train.write_json_atomic(os.path.join(workdir, 'bench.json'), rows)
+  print('\n'.join(map(row, rows)))
+  return rows
+
+
+BENCHMARKS: dict[str, Callable[[], None]] = {
+    'train': functools.partial(bench_steps, True), 'eval': functools.partial(bench_steps, False),
+    'task': bench_task, 'input': bench_input, 'prune_flops': bench_prune_flops}
 
 
 def main(argv: list[str]) -> None:
   del argv
+  parallel.initialize(False)
   BENCHMARKS[_WHAT.value]()
 
 

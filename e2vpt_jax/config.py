@@ -25,7 +25,9 @@ def base() -> config_dict.ConfigDict:
   c.train_masks = True          # pruning masks train (stage 1) when model.use_masks
   c.pretrained = ''             # Google ViT npz, or 'scratch' for a random backbone
   c.model = config_dict.ConfigDict(dict(variant='B/16', num_prompts=10, num_kv_prompts=5, use_masks=False,
-                                        prompt_dropout=0.1))
+                                        prompt_dropout=0.1, remat='auto', attention='einsum'))
+  # remat: auto (dots on CPU, where it is leaner and no slower; none elsewhere), '', dots or full;
+  # attention: einsum (as the reference), fused, cudnn (GPU, bf16)
   c.data = config_dict.ConfigDict(dict(source='vtab', task='cifar100', data_dir='~/tensorflow_datasets',
                                        train_split='train800val200', eval_split='test'))
   c.optimizer = 'sgd'           # the reference's SGD; adamw only for pretraining from scratch

@@ -8,14 +8,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow serves only the
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from e2vpt_jax import demo, parallel, pruning, train  # noqa: E402
+from e2vpt_jax import bench, demo, parallel, pruning, train  # noqa: E402
 from e2vpt_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/vtab.py:task=cifar100')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and results go; a run resumes here')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = {'train': train.train_and_evaluate, 'demo': demo.run, 'prune': pruning.run}
+MODES = {'train': train.train_and_evaluate, 'demo': demo.run, 'prune': pruning.run, 'bench': bench.from_config}
 
 
 def main(argv: list[str]) -> None:

@@ -95,7 +95,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT:
   dropped = len(config.prune.tokens) if config.prune.mode == 'drop' else 0
   return vit.get_model(m.variant, num_classes=num_classes, num_prompts=m.num_prompts - dropped,
                        num_kv_prompts=m.num_kv_prompts, use_masks=m.use_masks, prompt_dropout=m.prompt_dropout,
-                       dtype=jnp.dtype(config.compute_dtype))
+                       dtype=jnp.dtype(config.compute_dtype), remat=m.remat, attention_fn=vit.ATTENTION[m.attention])
 
 
 def init_params(config: ml_collections.ConfigDict, model: vit.ViT, image_size: int) -> dict[str, Any]:

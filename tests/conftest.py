@@ -2,7 +2,8 @@
 
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+                           ' --xla_cpu_enable_concurrency_optimized_scheduler=false').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import json  # noqa: E402

@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import scipy.special
 
-from e2vpt_jax import checkpoints
+from e2vpt_jax import checkpoints, train
 from e2vpt_jax.models import vit
 from tests.conftest import assert_close
 
@@ -82,13 +83,23 @@ def appended_attention(q, k, v, kv_prompt):
   return jax.nn.dot_product_attention(q, k, v)
 
 
-def test_appending_kv_prompts_gives_the_same_output(golden, golden_model, golden_params):
-  appended = golden_model.clone(attention_fn=appended_attention)
+@pytest.mark.parametrize('attention', [appended_attention, vit.ATTENTION['fused']])
+def test_kv_prompts_appended_or_fused_attention_give_the_same_output(golden, golden_model, golden_params, attention):
+  other = golden_model.clone(attention_fn=attention)
   with jax.default_matmul_precision('highest'):
     ours = golden_model.apply({'params': golden_params}, golden['input/images'])
-    other = appended.apply({'params': golden_params}, golden['input/images'])
-  assert_close(other, ours)
+    theirs = other.apply({'params': golden_params}, golden['input/images'])
+  assert_close(theirs, ours)
   assert_close(ours, golden['output/logits'])
+
+
+def test_remat_changes_memory_not_results(golden, golden_model, golden_params):
+  images, labels = golden['input/images'], golden['input/labels']
+  grad = lambda m: jax.grad(lambda p: train.cross_entropy(m.apply({'params': p}, images), labels))(golden_params)
+  with jax.default_matmul_precision('highest'):
+    plain, remat = grad(golden_model), grad(golden_model.clone(remat='dots'))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_presets_have_the_published_shapes():
