@@ -37,6 +37,7 @@ def remat_policy(name: str) -> Callable[..., bool] | None:
     name = 'dots' if jax.default_backend() == 'cpu' else ''
   return REMAT_POLICIES[name] if name else None
 
+
 PRESETS: dict[str, dict[str, int]] = {
     'tiny': dict(patch_size=8, width=64, depth=3, num_heads=4, mlp_dim=128),
     'Ti/16': dict(patch_size=16, width=192, depth=12, num_heads=3, mlp_dim=768),
@@ -65,7 +66,7 @@ def prepend_kv_prompt(x: Array, kv_prompt: Array | None) -> Array:
 def prompted_attention(q: Array, k: Array, v: Array, kv_prompt: Array | None) -> Array:
   """softmax(q [E; k]ᵀ / sqrt(d)) [E; v], written out as the reference computes it (the default).
 
-  q, k, v are [B, N, H, d]; the scores and softmax stay in (at least) float32.
+  q, k, v are [B, N, H, d]; the softmax runs in (at least) float32 whatever the compute dtype.
   """
   k, v = prepend_kv_prompt(k, kv_prompt), prepend_kv_prompt(v, kv_prompt)
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
