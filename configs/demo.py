@@ -10,7 +10,6 @@ masks (stage 1 of pruning) and compares the pruning scores on it (about 3.5 minu
 from ml_collections import config_dict
 
 from e2vpt_jax import config, demo
-from e2vpt_jax.errors import ConfigError
 
 
 def get_config(arg: str | None = None):
@@ -36,6 +35,5 @@ def get_config(arg: str | None = None):
   if not stage:
     c.lock()
     return c
-  if stage not in c.stages:
-    raise ConfigError(f'stage={stage!r} is unknown; use one of {sorted(c.stages)}')
+  config.choose('stage', stage, c.stages)
   return demo.stage_config(c, stage, '')

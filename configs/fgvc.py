@@ -6,19 +6,17 @@ val.json (for choosing lr/wd), phase=final evaluates test.json. Batch 128 as the
 
 from e2vpt_jax import config
 from e2vpt_jax.data import fgvc
-from e2vpt_jax.errors import ConfigError
 
 PHASES = {'tune': 'val', 'final': 'test'}
 
 
 def get_config(arg: str | None = None):
   a = config.parse_arg(arg, task='CUB', phase='final', transfer='e2vpt')
-  if a.phase not in PHASES:
-    raise ConfigError(f'phase={a.phase!r} is unknown; use one of {sorted(PHASES)}')
+  eval_split = config.choose('phase', a.phase, PHASES)
   dataset = fgvc.get_dataset(a.task)
   c = config.base()
   c.data.source, c.data.task, c.data.data_dir = 'fgvc', a.task, '~/fgvc'
-  c.data.train_split, c.data.eval_split = 'train', PHASES[a.phase]
+  c.data.train_split, c.data.eval_split = 'train', eval_split
   c.batch_size = 128
   config.set_transfer(c, a.transfer, dataset.num_prompts, dataset.num_kv_prompts)
   c.lock()

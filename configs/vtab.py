@@ -6,19 +6,17 @@ train800val200 and evaluates test. P and L are the task's lengths in the referen
 
 from e2vpt_jax import config
 from e2vpt_jax.data import vtab
-from e2vpt_jax.errors import ConfigError
 
 PHASES = {'tune': ('train800', 'val200'), 'final': ('train800val200', 'test')}
 
 
 def get_config(arg: str | None = None):
   a = config.parse_arg(arg, task='cifar100', phase='final', transfer='e2vpt')
-  if a.phase not in PHASES:
-    raise ConfigError(f'phase={a.phase!r} is unknown; use one of {sorted(PHASES)}')
+  splits = config.choose('phase', a.phase, PHASES)
   task = vtab.get_task(a.task)
   c = config.base()
   c.data.source, c.data.task = 'vtab', a.task
-  c.data.train_split, c.data.eval_split = PHASES[a.phase]
+  c.data.train_split, c.data.eval_split = splits
   config.set_transfer(c, a.transfer, task.num_prompts, task.num_kv_prompts)
   c.lock()
   return c

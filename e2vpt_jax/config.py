@@ -1,8 +1,13 @@
 """The config every run shares, and the `key=value,...` argument parser of the config files."""
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 from ml_collections import config_dict
 
 from e2vpt_jax.errors import ConfigError
+
+T = TypeVar('T')
 
 
 def parse_arg(arg: str | None, **defaults: str) -> config_dict.ConfigDict:
@@ -14,6 +19,13 @@ def parse_arg(arg: str | None, **defaults: str) -> config_dict.ConfigDict:
       raise ConfigError(f'config argument {item!r} is not key=value with a key in {sorted(defaults)}')
     values[key] = value
   return config_dict.ConfigDict(values)
+
+
+def choose(key: str, value: str, options: Mapping[str, T]) -> T:
+  """options[value] for a config argument, or an error naming the valid values of `key`."""
+  if value not in options:
+    raise ConfigError(f'{key}={value!r} is unknown; use one of {sorted(options)}')
+  return options[value]
 
 
 def base() -> config_dict.ConfigDict:

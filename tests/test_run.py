@@ -177,3 +177,5 @@ def test_config_files_take_lengths_and_splits_from_the_task_tables():
     assert (c.data.train_split, c.data.eval_split, c.batch_size, c.model.num_prompts) == ('train', 'val', 128, 5)
   with pytest.raises(ValueError, match="config argument 'tsak=dtd' is not key=value with a key in"):
     load_config('configs/vtab.py', 'tsak=dtd')
+  with pytest.raises(ValueError, match=r"phase='val' is unknown; use one of \['final', 'tune'\]"):
+    load_config('configs/fgvc.py', 'phase=val')
