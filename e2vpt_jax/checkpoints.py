@@ -7,8 +7,8 @@ An adapter `.npz` holds the E²VPT parameters under their parameter paths: `prom
 
 import os
 import tempfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import IO, Any
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -98,19 +98,23 @@ def load_backbone(path: str, template: Mapping[str, Any]) -> dict[str, Any]:
   return fit(google_vit_params(read_npz(path)), template, f'checkpoint {path!r}')
 
 
-def save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-  """Writes an npz so that `path` is either absent, the old file, or the complete new file."""
+def write_atomic(path: str, write: Callable[[IO], None], mode: str = 'w') -> None:
+  """Writes through `write` so that `path` is either absent, the old file, or the complete new file."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=folder, suffix='.npz.tmp', delete=False) as f:
+  with tempfile.NamedTemporaryFile(mode, dir=folder, suffix='.tmp', delete=False) as f:
     try:
-      np.savez(f, **arrays)
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     except BaseException:
       os.unlink(f.name)
       raise
   os.replace(f.name, path)
+
+
+def save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+  write_atomic(path, lambda f: np.savez(f, **arrays), 'wb')
 
 
 def save_adapter(path: str, params: Mapping[str, Any]) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from e2vpt_jax.models.vit import NUM_SEGMENTS
+from e2vpt_jax.models.vit import NUM_SEGMENTS, prompt_mask
 
 MODES = ('mask', 'drop')
 
@@ -20,14 +20,9 @@ def binary_masks(num_prompts: int, tokens: Iterable[int], segments: Iterable[Ite
   return {'token': token, 'segment': segment}
 
 
-def kept(num_prompts: int, tokens: Iterable[int]) -> np.ndarray:
-  """Indices of the tokens that stay."""
-  return np.setdiff1d(np.arange(num_prompts), list(tokens))
-
-
 def drop(params: Mapping[str, Any], tokens: Iterable[int]) -> dict[str, Any]:
   """Params of the model without the pruned tokens: their prompts and mask rows removed (drop mode)."""
-  keep = kept(params['prompts']['visual'].shape[1], tokens)
+  keep = np.setdiff1d(np.arange(params['prompts']['visual'].shape[1]), list(tokens))
   out = dict(params)
   out['prompts'] = {**params['prompts'], 'visual': params['prompts']['visual'][:, keep]}
   out['masks'] = {k: v[keep] for k, v in params['masks'].items()}
@@ -42,6 +37,6 @@ def pruned_report(report: Mapping[str, float], mask: Mapping[str, np.ndarray], p
   come off the tuned count, and the total stays as it is.
   """
   depth, _, width = prompt_shape
-  zeros = int((mask['token'][:, None] * np.tile(mask['segment'], (1, width // NUM_SEGMENTS)) == 0).sum())
+  zeros = int((prompt_mask(mask['token'], mask['segment'], width) == 0).sum())
   tuned = report['tuned'] - depth * zeros
   return {**report, 'tuned': tuned, 'tuned_percent': 100 * tuned / report['total']}

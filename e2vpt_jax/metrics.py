@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import tensorboardX
 
+from e2vpt_jax import checkpoints
+
 
 class MetricWriter:
   """Appends `{'step': …, **metrics}` lines to metrics.jsonl and scalars to TensorBoard."""
@@ -21,9 +23,7 @@ class MetricWriter:
       return
     with open(self.path) as f:
       kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(self.path + '.tmp', 'w') as f:
-      f.writelines(kept)
-    os.replace(self.path + '.tmp', self.path)
+    checkpoints.write_atomic(self.path, lambda f: f.writelines(kept))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     with open(self.path, 'a') as f:

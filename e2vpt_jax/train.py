@@ -135,9 +135,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def write_json_atomic(path: str, value: Any) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=1, default=float)
-  os.replace(path + '.tmp', path)
+  checkpoints.write_atomic(path, lambda f: json.dump(value, f, indent=1, default=float))
 
 
 def evaluate(eval_fn: Callable, trainable: Any, frozen: Any, data: Data, batch_size: int, mesh) -> float:

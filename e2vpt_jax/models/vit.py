@@ -48,6 +48,11 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+def prompt_mask(token: Array, segment: Array, width: int) -> Array:
+  """M [P, width] with M[t, j] = T[t]·S[t, j mod 16]: segments are strided, as the reference tiles them."""
+  return token[:, None] * jnp.tile(segment, (1, width // NUM_SEGMENTS))
+
+
 def uniform(bound: float) -> Callable[..., Array]:
   """U(-bound, bound), for the reference's explicit prompt initialisation bounds."""
   def init(key, shape, dtype=jnp.float32):
@@ -193,7 +198,7 @@ class ViT(nn.Module):
     if self.num_prompts and self.use_masks:
       masks = ParamGroup(name='masks')(token=(nn.initializers.ones, (self.num_prompts,)),
                                        segment=(nn.initializers.ones, (self.num_prompts, NUM_SEGMENTS)))
-      mask = masks['token'][:, None] * jnp.tile(masks['segment'], (1, d // NUM_SEGMENTS))
+      mask = prompt_mask(masks['token'], masks['segment'], d)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.prompt_dropout, self.attention_fn, self.dtype,
                 self.remat, name='Transformer')(x, prompts.get('visual'), prompts.get('kv'), mask, train)
     return nn.Dense(self.num_classes, name='head',
