@@ -71,11 +71,13 @@ def prepend_kv_prompt(x: Array, kv_prompt: Array | None) -> Array:
 def prompted_attention(q: Array, k: Array, v: Array, kv_prompt: Array | None) -> Array:
   """softmax(q [E; k]ᵀ / sqrt(d)) [E; v], written out as the reference computes it (the default).
 
-  q, k, v are [B, N, H, d]; the softmax runs in (at least) float32 whatever the compute dtype.
+  q, k, v are [B, N, H, d]; the scores accumulate, scale and go through the softmax in (at least) float32
+  whatever the compute dtype, so bf16 rounds only the weights that multiply v.
   """
   k, v = prepend_kv_prompt(k, kv_prompt), prepend_kv_prompt(v, kv_prompt)
-  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  weights = jax.nn.softmax(scores.astype(jnp.promote_types(scores.dtype, jnp.float32)), axis=-1).astype(v.dtype)
+  accumulate = jnp.promote_types(q.dtype, jnp.float32)
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=accumulate)
+  weights = jax.nn.softmax(scores / jnp.sqrt(q.shape[-1]).astype(accumulate), axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
 
 
@@ -158,7 +160,7 @@ class Encoder(nn.Module):
         p = jnp.broadcast_to(visual[i].astype(x.dtype), (x.shape[0],) + visual.shape[1:])
         p = nn.Dropout(self.prompt_dropout)(p, deterministic=not train)
         if mask is not None:
-          p = p * mask
+          p = p * mask.astype(p.dtype)
         x = jnp.concatenate([x[:, :1], p, x[:, 1 + (num_prompts if i else 0):]], axis=1)
       block = block_type(self.num_heads, self.mlp_dim, self.attention_fn, self.dtype, name=f'encoderblock_{i}')
       x = block(x, None if kv is None else kv[i])
@@ -169,7 +171,7 @@ class ViT(nn.Module):
   """ViT classifier with E²VPT visual prompts (P), key-value prompts (L) and pruning masks.
 
   With num_prompts = num_kv_prompts = 0 it is a plain ViT. Images are NHWC, already normalised.
-  `dtype` is the compute dtype (bfloat16 on accelerators); attention softmax stays in float32.
+  `dtype` is the compute dtype (bfloat16 on accelerators); attention scores and softmax stay in float32.
   `remat` ('', 'auto', 'dots' or 'full', see REMAT_POLICIES) trades recomputation for activation memory.
   """
   num_classes: int
