@@ -74,7 +74,7 @@ def test_random_crop_flip_takes_224_windows_anywhere_and_flips_half_of_them():
   image = np.stack([y, x, np.zeros_like(y)], -1).astype(np.uint8)  # each pixel holds its own (row, column)
   images = np.empty(400, object)
   images[:] = [image] * 400
-  crops = fgvc.random_crop_flip(images, np.random.default_rng(0))
+  crops = fgvc.random_crop_flip(images, np.random.default_rng(0).spawn(400))
   assert crops.shape == (400, 224, 224, 3) and crops.dtype == np.uint8
   flipped = crops[:, 0, 0, 1] > crops[:, 0, -1, 1]
   tops = crops[:, 0, 0, 0].astype(int)

@@ -67,17 +67,28 @@ def test_the_order_depends_on_seed_and_epoch_only_and_resumes_exactly():
   np.testing.assert_array_equal(order(seed=0, epoch=0, start_step=3), first[3 * 8:])
 
 
-def test_augment_sees_the_rows_and_a_generator_fixed_by_seed_epoch_and_step():
+def jitter(images, rngs):
+  """Shifts every pixel of a row by a random amount drawn from that row's generator."""
+  return np.stack([image + rng.integers(0, 3, dtype=np.uint8) for image, rng in zip(images, rngs, strict=True)])
+
+
+def test_augment_sees_the_rows_and_generators_fixed_by_seed_epoch_and_step():
   mesh = parallel.make_mesh()
   data = numbered(16, size=4)
-
-  def jitter(images, rng):  # shifts every pixel by a random amount, drawn per row
-    return images + rng.integers(0, 3, (len(images), 1, 1, 1)).astype(np.uint8)
-
   run = lambda epoch: [np.asarray(b['image']) for b in data_input.train_batches(
       data, 8, seed=0, epoch=epoch, mesh=mesh, augment=jitter)]
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.array_equal(run(0), run(1))
+
+
+def test_augmented_rows_are_the_same_whichever_process_holds_them():
+  data = numbered(40, size=4)
+  batches = lambda rows: list(data_input.host_batches(data, 16, rows, seed=0, epoch=1, augment=jitter))
+  full, second_half = batches(np.arange(16)), batches(np.arange(8, 16))  # one process, or the second of two
+  assert len(full) == len(second_half) == 3
+  for whole, part in zip(full, second_half):
+    for whole_array, part_array in zip(whole, part):
+      np.testing.assert_array_equal(part_array, whole_array[8:])
 
 
 def test_batch_size_must_divide_over_the_devices():

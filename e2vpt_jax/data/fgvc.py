@@ -16,7 +16,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -109,10 +109,13 @@ def _decode_all(paths: list[str], crop: bool) -> list[np.ndarray]:
     return list(pool.map(lambda p: center_crop(decode(p)) if crop else decode(p), paths))
 
 
-def random_crop_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """The training augmentation (an `input.Augment`): RandomCrop(224), then a flip with probability 0.5."""
+def random_crop_flip(images: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+  """The training augmentation (an `input.Augment`): RandomCrop(224), then a flip with probability 0.5.
+
+  Each row draws from its own generator, so its crop does not depend on the other rows of the batch.
+  """
   out = np.empty((len(images), CROP, CROP, 3), np.uint8)
-  for row, image in enumerate(images):
+  for row, (image, rng) in enumerate(zip(images, rngs, strict=True)):
     top, left = rng.integers(image.shape[0] - CROP + 1), rng.integers(image.shape[1] - CROP + 1)
     crop = image[top:top + CROP, left:left + CROP]
     out[row] = crop[:, ::-1] if rng.random() < 0.5 else crop

@@ -11,7 +11,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +26,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PREFETCH = 2
 
 Batch = dict[str, jax.Array]
-Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
-"""(the stored images of a batch's rows, a generator) -> uint8 images [rows, H, W, 3]."""
+Augment = Callable[[np.ndarray, Sequence[np.random.Generator]], np.ndarray]
+"""(the stored images of a batch's rows, one generator per row) -> uint8 images [rows, H, W, 3]."""
 
 
 class DataError(UserError):
@@ -110,33 +110,41 @@ def prefetch(iterator: Iterator, size: int = PREFETCH) -> Iterator:
       yield item
 
 
+def host_batches(data: InMemory, batch_size: int, rows: np.ndarray, *, seed: int, epoch: int, start_step: int = 0,
+                 augment: Augment | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """The `rows` (global batch positions) of one epoch's batches from `start_step`: (uint8 images, labels, mask).
+
+  `augment` gets one generator per row, seeded by (seed, epoch, step, row), so a row's images are the
+  same whichever process holds it.
+  """
+  n = len(data.labels)
+  order = epoch_permutation(n, seed, epoch)
+  for step in range(start_step, steps_per_epoch(n, batch_size)):
+    chunk = order[step * batch_size:(step + 1) * batch_size]
+    index = np.pad(chunk, (0, batch_size - len(chunk)))[rows]
+    if augment is None:
+      images = gather(data.images, index)
+    else:
+      images = augment(data.images[index], [np.random.default_rng([seed, epoch, step, row]) for row in rows])
+    yield images, data.labels[index], rows < len(chunk)
+
+
 def train_batches(data: InMemory, batch_size: int, *, seed: int, epoch: int, mesh: Mesh, start_step: int = 0,
                   augment: Augment | None = None, normalized: bool = True) -> Iterator[Batch]:
   """One epoch of global batches, shuffled by (seed, epoch), from step `start_step` (for exact resume).
 
   Yields {'image': float32 [B, H, W, 3] normalised, 'label': int32 [B], 'mask': float32 [B]} sharded
   over `data`; the last partial batch is padded (mask 0). `augment`, if given, turns the stored
-  images of the rows into model inputs with a generator seeded by (seed, epoch, step, process).
+  images of the rows into model inputs, each row with its own generator (see `host_batches`).
   `normalized=False` yields the uint8 images instead, for a step that normalises them itself.
   """
-  n = len(data.labels)
-  order = epoch_permutation(n, seed, epoch)
   rows = local_rows(mesh, batch_size)
-
-  def host() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    for step in range(start_step, steps_per_epoch(n, batch_size)):
-      chunk = order[step * batch_size:(step + 1) * batch_size]
-      index = np.pad(chunk, (0, batch_size - len(chunk)))[rows]
-      if augment is None:
-        images = gather(data.images, index)
-      else:
-        images = augment(data.images[index], np.random.default_rng([seed, epoch, step, jax.process_index()]))
-      yield images, data.labels[index], rows < len(chunk)
+  host = host_batches(data, batch_size, rows, seed=seed, epoch=epoch, start_step=start_step, augment=augment)
 
   def placed() -> Iterator[Batch]:
     # Only host work runs ahead; device work stays on the caller's thread, because programs dispatched
     # from two threads can reach the devices in different orders and deadlock a step's all-reduce.
-    for images, labels, mask in prefetch(host()):
+    for images, labels, mask in prefetch(host):
       yield _place(images, labels, mask, batch_size, mesh, normalized)
 
   return placed()
