@@ -21,19 +21,24 @@ from e2vpt_jax import optim, parallel, train
 from e2vpt_jax.models import vit
 from e2vpt_jax.data import input as data_input
 
-_WHAT = flags.DEFINE_enum('what', 'train', ['train', 'eval', 'task', 'input', 'prune_flops'], 'what to measure')
-_VARIANT = flags.DEFINE_string('variant', 'B/16', 'ViT preset (tiny for a quick check)')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'image side in pixels')
-_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['8'], 'global batch sizes to measure')
-_DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'compute dtypes: float32, bfloat16')
-_TRANSFERS = flags.DEFINE_list('transfers', ['e2vpt', 'full'], 'e2vpt (P = 10, L = 5), vpt, linear, full')
-_REMAT = flags.DEFINE_string('remat', '', "block rematerialisation: '', 'auto', 'dots' or 'full'")
-_STEPS = flags.DEFINE_integer('steps', 3, 'timed steps after one warm-up step')
-_TASK_EPOCHS = flags.DEFINE_integer('task_epochs', 100, 'epochs of the one-task run (--what=task)')
-_TEST_IMAGES = flags.DEFINE_integer('test_images', 10000, 'evaluation images of the one-task run')
-_PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', 0, 'dense bf16 peak of one device; 0: from its kind')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'global batch size (VTAB: 64)')
-_EPOCHS = flags.DEFINE_integer('epochs', 5, 'timed epochs, after one warm-up epoch')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The benchmark's flags, defined only when it runs as the program: importing bench (main does) adds none."""
+  flags.DEFINE_enum('what', 'train', ['train', 'eval', 'task', 'input', 'prune_flops'], 'what to measure')
+  flags.DEFINE_string('variant', 'B/16', 'ViT preset (tiny for a quick check)')
+  flags.DEFINE_integer('image_size', 224, 'image side in pixels')
+  flags.DEFINE_list('batch_sizes', ['8'], 'global batch sizes to measure')
+  flags.DEFINE_list('dtypes', ['float32'], 'compute dtypes: float32, bfloat16')
+  flags.DEFINE_list('transfers', ['e2vpt', 'full'], 'e2vpt (P = 10, L = 5), vpt, linear, full')
+  flags.DEFINE_string('remat', '', "block rematerialisation: '', 'auto', 'dots' or 'full'")
+  flags.DEFINE_integer('steps', 3, 'timed steps after one warm-up step')
+  flags.DEFINE_integer('task_epochs', 100, 'epochs of the one-task run (--what=task)')
+  flags.DEFINE_integer('test_images', 10000, 'evaluation images of the one-task run')
+  flags.DEFINE_float('peak_tflops', 0, 'dense bf16 peak of one device; 0: from its kind')
+  flags.DEFINE_integer('batch_size', 64, 'global batch size (VTAB: 64)')
+  flags.DEFINE_integer('epochs', 5, 'timed epochs, after one warm-up epoch')
 
 
 def _images_per_second(data: data_input.InMemory, normalized: bool) -> float:
@@ -41,16 +46,16 @@ def _images_per_second(data: data_input.InMemory, normalized: bool) -> float:
   mesh = parallel.make_mesh()
 
   def run(epoch: int) -> None:
-    for batch in data_input.train_batches(data, _BATCH_SIZE.value, seed=0, epoch=epoch, mesh=mesh,
+    for batch in data_input.train_batches(data, FLAGS.batch_size, seed=0, epoch=epoch, mesh=mesh,
                                           normalized=normalized):
       pass
     jax.block_until_ready(batch)
 
   run(0)
   start = time.perf_counter()
-  for epoch in range(1, _EPOCHS.value + 1):
+  for epoch in range(1, FLAGS.epochs + 1):
     run(epoch)
-  return _EPOCHS.value * len(data.labels) / (time.perf_counter() - start)
+  return FLAGS.epochs * len(data.labels) / (time.perf_counter() - start)
 
 
 def bench_input() -> None:
@@ -59,9 +64,9 @@ def bench_input() -> None:
   data = data_input.InMemory(rng.integers(0, 256, (1000, 224, 224, 3), dtype=np.uint8),
                              rng.integers(0, 100, 1000, dtype=np.int32))
   devices = f'{jax.device_count()} × {jax.devices()[0].device_kind}'
-  print(f'input host (uint8 batches placed on {devices}), batch {_BATCH_SIZE.value}: '
+  print(f'input host (uint8 batches placed on {devices}), batch {FLAGS.batch_size}: '
         f'{_images_per_second(data, normalized=False):,.0f} images/s')
-  print(f'input with normalisation on {devices}, batch {_BATCH_SIZE.value}: '
+  print(f'input with normalisation on {devices}, batch {FLAGS.batch_size}: '
         f'{_images_per_second(data, normalized=True):,.0f} images/s')
 
 
@@ -173,11 +178,11 @@ def bench_steps(training: bool) -> None:
   device = f'{jax.device_count()} × {jax.devices()[0].device_kind}, jax {jax.__version__}'
   print(f'{device}\n| step | model | transfer | dtype | batch | remat | throughput | TFLOP/s | MFU | '
         'XLA step memory GB | peak memory GB | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|')
-  for transfer in _TRANSFERS.value:
-    for dtype in _DTYPES.value:
-      for batch_size in map(int, _BATCH_SIZES.value):
-        setup = Setup(_VARIANT.value, _IMAGE_SIZE.value, batch_size, dtype, transfer, _REMAT.value)
-        print(row(measure(setup, training, _STEPS.value, _PEAK_TFLOPS.value)), flush=True)
+  for transfer in FLAGS.transfers:
+    for dtype in FLAGS.dtypes:
+      for batch_size in map(int, FLAGS.batch_sizes):
+        setup = Setup(FLAGS.variant, FLAGS.image_size, batch_size, dtype, transfer, FLAGS.remat)
+        print(row(measure(setup, training, FLAGS.steps, FLAGS.peak_tflops)), flush=True)
 
 
 def one_task(s: Setup, epochs: int, test_images: int) -> dict[str, float]:
@@ -201,9 +206,9 @@ def one_task(s: Setup, epochs: int, test_images: int) -> dict[str, float]:
 
 
 def bench_task() -> None:
-  setup = Setup(_VARIANT.value, _IMAGE_SIZE.value, int(_BATCH_SIZES.value[0]), _DTYPES.value[0],
-                _TRANSFERS.value[0], _REMAT.value)
-  result = one_task(setup, _TASK_EPOCHS.value, _TEST_IMAGES.value)
+  setup = Setup(FLAGS.variant, FLAGS.image_size, int(FLAGS.batch_sizes[0]), FLAGS.dtypes[0],
+                FLAGS.transfers[0], FLAGS.remat)
+  result = one_task(setup, FLAGS.task_epochs, FLAGS.test_images)
   print(f'one task ({setup}): {result["epochs"]} epochs over 1,000 images + {result["test_images"]:,} test images: '
         f'{result["wall_s"]:.1f} s on {jax.device_count()} × {jax.devices()[0].device_kind}')
 
@@ -227,8 +232,9 @@ BENCHMARKS: dict[str, Callable[[], None]] = {
 def main(argv: list[str]) -> None:
   del argv
   parallel.initialize(False)
-  BENCHMARKS[_WHAT.value]()
+  BENCHMARKS[FLAGS.what]()
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -6,7 +6,6 @@ An adapter `.npz` holds the E²VPT parameters under their parameter paths: `prom
 """
 
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -99,18 +98,21 @@ def load_backbone(path: str, template: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_atomic(path: str, write: Callable[[IO], None], mode: str = 'w') -> None:
-  """Writes through `write` so that `path` is either absent, the old file, or the complete new file."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  with tempfile.NamedTemporaryFile(mode, dir=folder, suffix='.tmp', delete=False) as f:
+  """Writes through `write` so that `path` is either absent, the old file, or the complete new file.
+
+  The file is created with mode 0o666 less the umask, as `open()` creates files (tempfile's are 0o600).
+  """
+  temporary = f'{os.path.abspath(path)}.{os.urandom(8).hex()}.tmp'
+  os.makedirs(os.path.dirname(temporary), exist_ok=True)
+  with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), mode) as f:
     try:
       write(f)
       f.flush()
       os.fsync(f.fileno())
     except BaseException:
-      os.unlink(f.name)
+      os.unlink(temporary)
       raise
-  os.replace(f.name, path)
+  os.replace(temporary, path)
 
 
 def save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:

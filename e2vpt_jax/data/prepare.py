@@ -92,7 +92,11 @@ def check_fgvc(name: str, data_dir: str) -> bool:
 
 
 def run(names: str, data_dir: str) -> bool:
-  """Prepares or checks every data set that `names` covers; whether all are ready."""
+  """Prepares or checks every data set that `names` covers; whether all are ready.
+
+  A leading `~` of `data_dir` is expanded here, since the shell leaves the one in `--data_dir=~/x` as it is.
+  """
+  data_dir = os.path.expanduser(data_dir)
   vtab_names, fgvc_names = resolve(names)
   by_builder = collections.defaultdict(list)
   for task in vtab_names:
