@@ -14,10 +14,10 @@ import collections
 import os
 import sys
 
-import tensorflow_datasets as tfds
 from absl import app, flags
 
 from e2vpt_jax.data import fgvc, vtab
+from e2vpt_jax.data.vtab import tfds
 from e2vpt_jax.data.input import DataError, NotPreparedError
 from e2vpt_jax.errors import ConfigError, UserError
 

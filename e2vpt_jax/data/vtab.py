@@ -15,14 +15,19 @@ the command that prepares it.
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 
+from e2vpt_jax.data import native_stderr_silenced
 from e2vpt_jax.data.input import InMemory, NotPreparedError
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow serves only the data pipeline
+with native_stderr_silenced():
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
 from e2vpt_jax.errors import ConfigError
 
 tf.config.set_visible_devices([], 'GPU')  # TF only reads data: the accelerators belong to JAX
