@@ -218,9 +218,11 @@ def from_config(config: Any, workdir: str) -> list[dict[str, Any]]:
   setup = Setup(config.model.variant, 224, config.batch_size, config.compute_dtype, config.transfer,
                 config.model.remat)
   rows = [measure(setup, training, 3) for training in (True, False)]
-  os.makedirs(workdir, exist_ok=True)
-  train.write_json_atomic(os.path.join(workdir, 'bench.json'), rows)
-  print('\n'.join(map(row, rows)))
+  if parallel.is_lead():  # the lead's timings
+    os.makedirs(workdir, exist_ok=True)
+    train.write_json_atomic(os.path.join(workdir, 'bench.json'), rows)
+    print('\n'.join(map(row, rows)))
+  parallel.barrier(f'bench {workdir}')
   return rows
 
 

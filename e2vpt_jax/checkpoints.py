@@ -5,16 +5,21 @@ An adapter `.npz` holds the E²VPT parameters under their parameter paths: `prom
 `head/kernel` [D, C], `head/bias` [C]; an absent key means that part is not used.
 """
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+import shutil
+import sys
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import scipy.ndimage
 from flax import traverse_util
 
-from e2vpt_jax import optim
+from e2vpt_jax import optim, parallel
 from e2vpt_jax.errors import UserError
 
 POSEMB = 'Transformer/posembed_input/pos_embedding'
@@ -33,16 +38,43 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
   """A checkpoint path that names no file."""
 
 
+class CheckpointWriteError(UserError):
+  """A run-state checkpoint that could not be written (a full disk, lost permissions)."""
+
+
+class CheckpointUnreadableError(UserError, ValueError):
+  """A file that is not a readable npz of plain arrays (text, empty, truncated, corrupt, pickled objects)."""
+
+
 def is_adapter(path: tuple[str, ...]) -> bool:
   """Whether a parameter belongs to the adapter (everything E²VPT adds) rather than the backbone."""
   return path[0] in ADAPTER_GROUPS
 
 
-def read_npz(path: str) -> dict[str, np.ndarray]:
-  """All arrays of an npz file by their '/'-joined names."""
-  if not os.path.isfile(path):
+def check_npz(path: str) -> None:
+  """Raises a one-line UserError unless `path` is a complete npz of plain arrays; reads it once, keeps nothing."""
+  if not os.path.isfile(os.path.expanduser(path)):
     raise CheckpointNotFoundError(f'checkpoint file {path!r} does not exist')
-  with np.load(path, allow_pickle=False) as f:
+  try:
+    with zipfile.ZipFile(os.path.expanduser(path)) as z:
+      bad = z.testzip()
+      if bad is not None:
+        raise zipfile.BadZipFile(f'bad CRC in {bad}')
+      for name in z.namelist():
+        with z.open(name) as f:
+          header = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(f),
+                                                                     np.lib.format.read_array_header_2_0)
+          if header(f)[2].hasobject:
+            raise ValueError(f'{name} holds Python objects')
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    raise CheckpointUnreadableError(f'checkpoint file {path!r} is not a readable npz of arrays ({e}): '
+                                    'download or export it again') from None
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """All arrays of an npz file by their '/'-joined names; an unreadable file is a one-line UserError."""
+  check_npz(path)
+  with np.load(os.path.expanduser(path), allow_pickle=False) as f:
     return {k: f[k] for k in f.files}
 
 
@@ -140,9 +172,46 @@ def run_state_manager(directory: str, keep: int) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
+# Room a save needs beyond twice the state's bytes: orbax writes about 16 small files, each a page or more.
+SAVE_OVERHEAD = 64 * 4096
+
+
+def check_space(manager: ocp.CheckpointManager, state: Any) -> None:
+  """Refuses a save that the disk has no room for, before orbax starts it (a save failing midway is
+  reported by its background threads at length); the checkpoints before it stay as they are."""
+  need = 2 * sum(x.nbytes for x in jax.tree.leaves(state)) + SAVE_OVERHEAD
+  free = parallel.broadcast(shutil.disk_usage(manager.directory).free)  # one decision for every process
+  if free < need:
+    raise CheckpointWriteError(f'no room for a checkpoint in {manager.directory} ({free:,} bytes free, about '
+                               f'{need:,} needed); the checkpoints before it are intact: make room and run the '
+                               'same command to resume')
+
+
+@contextlib.contextmanager
+def writing(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """Reports a failed save (surfacing in `save` or `wait_until_finished`, as orbax saves in the background)
+  as one line; the checkpoints before it are complete, each being written aside and then renamed."""
+  try:
+    yield
+  except Exception as e:  # OSError, or tensorstore's ValueError: RESOURCE_EXHAUSTED, from orbax's threads
+    reason = next(iter(str(e).strip().splitlines()), type(e).__name__)[:300]
+    raise CheckpointWriteError(f'saving a checkpoint in {manager.directory} failed ({reason}); the checkpoints '
+                               'before it are intact: make room (or fix the permissions) and run the same command '
+                               'to resume') from None
+
+
 def restore_latest(manager: ocp.CheckpointManager, like: Any) -> Any | None:
-  """The newest saved run state shaped and sharded like `like`, or None for a fresh run."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  return manager.restore(step, args=ocp.args.StandardRestore(like))
+  """The newest saved run state that restores, shaped and sharded like `like`, or None for a fresh run.
+
+  A checkpoint that does not restore (a truncated data file, damaged metadata) is deleted with a
+  one-line warning, so that the run resumes from the one before and can save that step again.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore(like))
+    except Exception as e:  # orbax and tensorstore report damage as many types; every one means unusable
+      reason = next(iter(str(e).strip().splitlines()), type(e).__name__)[:200]
+      print(f'warning: skipping the damaged checkpoint at step {step} ({reason}); resuming from the one before',
+            file=sys.stderr, flush=True)
+      manager.delete(step)
+  return None

@@ -1,7 +1,11 @@
-"""The config every run shares, and the `key=value,...` argument parser of the config files."""
+"""The config every run shares, the `key=value,...` argument parser of the config files, and the
+one place where every config value is checked before anything is loaded, trained or written."""
 
-from collections.abc import Mapping
-from typing import TypeVar
+import functools
+import importlib
+import math
+from collections.abc import Collection, Mapping
+from typing import Any, TypeVar
 
 from ml_collections import config_dict
 
@@ -32,7 +36,8 @@ def base() -> config_dict.ConfigDict:
   """Defaults of one training run: the reference's recipe on ViT-B/16 (lr and wd are per task in the paper)."""
   c = config_dict.ConfigDict()
   c.mode = 'train'
-  c.seed = 0
+  c.seed = 0                    # data order and dropout; also the init unless init_seed is set
+  c.init_seed = config_dict.placeholder(int)  # prompts' and head's initial draw; None: seed
   c.transfer = 'e2vpt'          # e2vpt | vpt | linear | full: what trains (optim.is_trainable)
   c.train_masks = True          # pruning masks train (stage 1) when model.use_masks
   c.pretrained = ''             # Google ViT npz, or 'scratch' for a random backbone
@@ -73,3 +78,125 @@ def set_transfer(c: config_dict.ConfigDict, transfer: str, num_prompts: int, num
   c.transfer = transfer
   c.model.num_prompts = num_prompts if transfer in ('e2vpt', 'vpt') else 0
   c.model.num_kv_prompts = num_kv_prompts if transfer == 'e2vpt' else 0
+
+
+MODES = ('train', 'demo', 'prune', 'bench')
+DTYPES = ('float32', 'bfloat16')
+REMATS = ('', 'auto', 'dots', 'full')
+OPTIMIZERS = ('sgd', 'adamw')
+# Keys that a run's result does not depend on: a resume may change them.
+NOT_IDENTITY = ('mode', 'eval_batch_size', 'eval_every_epochs', 'log_every_steps', 'checkpoint_every_epochs',
+                'keep_checkpoints', 'distributed', 'pruning', 'stages')
+# The demo's stage table: config key -> the stage's field that sets it.
+STAGE_KEYS = {'transfer': 'transfer', 'optimizer': 'optimizer', 'lr': 'lr', 'weight_decay': 'weight_decay',
+              'batch_size': 'batch_size', 'epochs': 'epochs', 'warmup_epochs': 'warmup_epochs',
+              'pretrained': 'pretrained', 'data.task': 'task', 'model.num_prompts': 'num_prompts',
+              'model.num_kv_prompts': 'num_kv_prompts', 'model.use_masks': 'use_masks'}
+# Integer keys and their least valid value.
+AT_LEAST = {'seed': 0, 'batch_size': 1, 'eval_batch_size': 1, 'epochs': 1, 'warmup_epochs': 0,
+            'eval_every_epochs': 1, 'checkpoint_every_epochs': 1, 'keep_checkpoints': 1, 'log_every_steps': 1,
+            'model.num_prompts': 0, 'model.num_kv_prompts': 0}
+
+
+def get(c: config_dict.ConfigDict, key: str) -> Any:
+  """c['a.b'] for a dotted key."""
+  return functools.reduce(lambda d, k: d[k], key.split('.'), c)
+
+
+def assign(c: config_dict.ConfigDict, key: str, value: Any) -> None:
+  """c['a.b'] = value for a dotted key."""
+  parent, _, leaf = key.rpartition('.')
+  (get(c, parent) if parent else c)[leaf] = value
+
+
+def require(ok: bool, key: str, value: Any, valid: str) -> None:
+  """Raises the one-line error of a bad config value unless `ok`."""
+  if not ok:
+    raise ConfigError(f'config.{key}={value!r} is invalid: {valid}')
+
+
+def require_choice(c: config_dict.ConfigDict, key: str, options: Collection[str]) -> None:
+  value = get(c, key)
+  require(value in options, key, value, f'use one of {sorted(options)}')
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ids(values: Any, bound: int) -> bool:
+  """Whether `values` are distinct integers in [0, bound)."""
+  return all(_is_int(v) and 0 <= v < bound for v in values) and len(set(values)) == len(values)
+
+
+def data_choices(source: str, task: str) -> tuple[Collection[str], Collection[str]]:
+  """(the task names of a data source, the split names of `task`; empty for an unknown task)."""
+  module = importlib.import_module(f'e2vpt_jax.data.{source}')  # only the source's own (vtab imports TensorFlow)
+  if source == 'demo':
+    return module.TASKS, module.TASKS[task].splits if task in module.TASKS else ()
+  return (module.TASKS if source == 'vtab' else module.DATASETS), module.SPLITS
+
+
+def validate(c: config_dict.ConfigDict) -> None:
+  """Checks every value of a run's (or a protocol's) config; the first bad one is a ConfigError that
+  names the key, the value and what is valid. Cheap: reads no file."""
+  from e2vpt_jax import masks, optim, pruning
+  from e2vpt_jax.models import vit
+  for key, options in [('mode', MODES), ('transfer', optim.TRANSFERS), ('optimizer', OPTIMIZERS),
+                       ('compute_dtype', DTYPES), ('model.variant', vit.PRESETS), ('model.remat', REMATS),
+                       ('model.attention', vit.ATTENTION), ('data.source', ('vtab', 'fgvc', 'demo')),
+                       ('prune.mode', masks.MODES), ('pruning.importance', pruning.IMPORTANCE),
+                       ('pruning.rewind', pruning.REWINDS), ('pruning.mode', masks.MODES)]:
+    require_choice(c, key, options)
+  for key, least in AT_LEAST.items():
+    value = get(c, key)
+    require(_is_int(value) and value >= least, key, value, f'use an integer >= {least}')
+  require(c.init_seed is None or (_is_int(c.init_seed) and c.init_seed >= 0), 'init_seed', c.init_seed,
+          'use an integer >= 0, or leave it unset to draw the initial values from config.seed')
+  require(c.warmup_epochs <= c.epochs, 'warmup_epochs', c.warmup_epochs, f'use at most config.epochs={c.epochs}')
+  require(math.isfinite(c.lr) and c.lr > 0, 'lr', c.lr, 'use a finite number > 0')
+  require(math.isfinite(c.weight_decay) and c.weight_decay >= 0, 'weight_decay', c.weight_decay,
+          'use a finite number >= 0')
+  dropout = c.model.prompt_dropout
+  require(math.isfinite(dropout) and 0 <= dropout < 1, 'model.prompt_dropout', dropout, 'use a number in [0, 1)')
+  if c.mode == 'demo':
+    defaults = base()
+    for key, field in STAGE_KEYS.items():
+      require(get(c, key) == get(defaults, key), key, get(c, key),
+              f'the full demo takes it from its stage table: set --config.stages.STAGE.{field} (STAGE one of '
+              f'{sorted(c.stages)}), or run one stage alone with configs/demo.py:stage=STAGE')
+    return  # its stages are ordinary runs, each validated before the demo trains
+  tasks, splits = data_choices(c.data.source, c.data.task)
+  require_choice(c, 'data.task', tasks)
+  for key in ('data.train_split', 'data.eval_split'):
+    require_choice(c, key, splits)
+  num_prompts, prompted = c.model.num_prompts, c.transfer in ('e2vpt', 'vpt')
+  pruned = c.prune.tokens or c.prune.segments
+  if pruned:
+    require(prompted and num_prompts > 0, 'prune.tokens', c.prune.tokens,
+            'pruned prompt entries need prompts: use transfer=e2vpt or vpt with model.num_prompts > 0')
+  require(_ids(c.prune.tokens, num_prompts) and len(c.prune.tokens) < max(num_prompts, 1), 'prune.tokens',
+          c.prune.tokens, f'use distinct token ids in [0, {num_prompts}), leaving at least one token')
+  require(len(c.prune.segments) <= num_prompts and all(_ids(row, vit.NUM_SEGMENTS) for row in c.prune.segments),
+          'prune.segments', c.prune.segments,
+          f'use at most {num_prompts} rows (one per token) of distinct segment ids in [0, {vit.NUM_SEGMENTS})')
+  if c.mode == 'prune':
+    p = c.pruning
+    require(prompted and num_prompts > 0, 'transfer', c.transfer,
+            'pruning needs prompts: use transfer=e2vpt or vpt with model.num_prompts > 0')
+    require(_ids(p.token_counts, num_prompts) and 0 not in p.token_counts, 'pruning.token_counts',
+            p.token_counts, f'use distinct counts in [1, {num_prompts - pruning.MIN_TOKENS}], or () for the '
+            "original's schedule")
+    require(_ids(p.segment_counts, vit.NUM_SEGMENTS - pruning.MIN_SEGMENTS + 1) and 0 not in p.segment_counts,
+            'pruning.segment_counts', p.segment_counts,
+            f'use distinct counts in [1, {vit.NUM_SEGMENTS - pruning.MIN_SEGMENTS}], or () for the original\'s '
+            'schedule')
+    require(len(p.seeds) > 0 and _ids(p.seeds, 2 ** 31), 'pruning.seeds', p.seeds,
+            'use one or more distinct integer seeds >= 0')
+    require(len(p.tune_splits) == 2 and all(s in splits for s in p.tune_splits), 'pruning.tune_splits',
+            p.tune_splits, f'use (train split, eval split), each one of {sorted(splits)}')
+
+
+def identity(values: Mapping[str, Any]) -> dict[str, Any]:
+  """What a run's result depends on: its config as JSON without the keys a resume may change."""
+  return {k: v for k, v in values.items() if k not in NOT_IDENTITY}

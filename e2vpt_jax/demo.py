@@ -5,45 +5,49 @@ import os
 
 from ml_collections import config_dict
 
-from e2vpt_jax import pruning, train
+from e2vpt_jax import config as config_lib
+from e2vpt_jax import parallel, pruning, train
 
-STAGE_FIELDS = ('transfer', 'optimizer', 'lr', 'weight_decay', 'batch_size', 'epochs', 'warmup_epochs')
+STAGES = ('pretrain', 'e2vpt', 'linear', 'masked')
 
 
 def stage_config(config: config_dict.ConfigDict, name: str, pretrained: str) -> config_dict.ConfigDict:
-  """The demo config with one stage's overrides: an ordinary training config."""
+  """The demo config with one stage's overrides (`config_lib.STAGE_KEYS`): an ordinary training config."""
   stage = config.stages[name]
   c = config_dict.ConfigDict(config.to_dict())
   del c['stages']
   c.mode = 'train'
-  for field in STAGE_FIELDS:
-    c[field] = stage.get(field, c[field])
-  c.pretrained = stage.get('pretrained', pretrained)
-  c.data.task = stage.task
-  c.model.num_prompts, c.model.num_kv_prompts = stage.num_prompts, stage.num_kv_prompts
-  c.model.use_masks = stage.get('use_masks', False)
+  c.pretrained = pretrained
+  for key, field in config_lib.STAGE_KEYS.items():
+    if field in stage:
+      config_lib.assign(c, key, stage[field])
   c.lock()
   return c
 
 
 def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, dict]:
-  """Runs the three stages (each resumable in its own sub-workdir) and prints E²VPT against linear."""
-  results = {'pretrain': train.train_and_evaluate(stage_config(config, 'pretrain', ''),
-                                                  os.path.join(workdir, 'pretrain'))}
+  """Runs the stages (each resumable in its own sub-workdir) and prints E²VPT against linear; every
+  stage's config is checked before the first trains."""
   backbone = os.path.join(workdir, 'pretrain', 'backbone.npz')
-  for name in ('e2vpt', 'linear', 'masked'):
-    results[name] = train.train_and_evaluate(stage_config(config, name, backbone), os.path.join(workdir, name))
+  configs = {name: stage_config(config, name, backbone) for name in STAGES}
+  for c in configs.values():
+    config_lib.validate(c)
+  results = {name: train.train_and_evaluate(c, os.path.join(workdir, name)) for name, c in configs.items()
+             if name != 'masked'}
   pre = results['pretrain']
-  print(f"\nBackbone: ViT '{config.model.variant}' pretrained from scratch on {pre['task']} "
+  parallel.say(f"\nBackbone: ViT '{config.model.variant}' pretrained from scratch on {pre['task']} "
         f"({100 * pre['eval_accuracy']:.1f} % test accuracy), then adapted to {results['e2vpt']['task']}:")
-  print('| method | test accuracy | tuned parameters | tuned % |\n|---|---|---|---|')
+  parallel.say('| method | test accuracy | tuned parameters | tuned % |\n|---|---|---|---|')
   for name, label in (('e2vpt', 'E²VPT'), ('linear', 'linear probe')):
     r = results[name]
-    print(f"| {label} | {100 * r['eval_accuracy']:.1f} % | {r['tuned']:,} | {r['tuned_percent']:.2f} % |")
-  rows = pruning.compare_scores(stage_config(config, 'masked', backbone), os.path.join(workdir, 'masked'))
-  train.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), {'score_comparison': rows})
-  print(f"\nE²VPT with trainable masks: {100 * results['masked']['eval_accuracy']:.1f} %; with its N lowest-scored "
-        'prompt tokens pruned (no retraining), by score:')
-  print(pruning.comparison_table(rows))
-  train.write_json_atomic(os.path.join(workdir, 'result.json'), results)
+    parallel.say(f"| {label} | {100 * r['eval_accuracy']:.1f} % | {r['tuned']:,} | {r['tuned_percent']:.2f} % |")
+  results['masked'] = train.train_and_evaluate(configs['masked'], os.path.join(workdir, 'masked'))
+  rows = pruning.compare_scores(configs['masked'], os.path.join(workdir, 'masked'))
+  parallel.say(f"\nE²VPT with trainable masks: {100 * results['masked']['eval_accuracy']:.1f} %; with its N "
+               'lowest-scored prompt tokens pruned (no retraining), by score:')
+  parallel.say(pruning.comparison_table(rows))
+  if parallel.is_lead():
+    train.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), {'score_comparison': rows})
+    train.write_json_atomic(os.path.join(workdir, 'result.json'), results)
+  parallel.barrier(f'demo results {workdir}')
   return results

@@ -3,6 +3,7 @@
 
 class UserError(Exception):
   """Base of every error whose message alone tells the user what to change."""
+  exit_code = 1
 
 
 class ConfigError(UserError, ValueError):

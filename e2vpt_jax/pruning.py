@@ -26,6 +26,7 @@ from e2vpt_jax.errors import ConfigError
 from e2vpt_jax.models.vit import NUM_SEGMENTS
 
 IMPORTANCE = ('signed', 'abs', 'ablation')
+REWINDS = ('fresh', 'init')  # a rewind starts from a new random draw (the original) or from stage 1's start
 PERCENTS = range(10, 100, 10)
 MIN_TOKENS, MIN_SEGMENTS = 1, 4  # the original's MIN_NUMBER_CLS_TOKEN(_PIECE): never prune below these
 
@@ -96,8 +97,14 @@ def select(scores: Mapping[str, np.ndarray], num_tokens: int, num_segments: int)
   return {'tokens': sorted(int(t) for t in tokens), 'segments': [sorted(int(s) for s in row) for row in segments]}
 
 
+def fresh_seed(seed: int, num_tokens: int, num_segments: int) -> int:
+  """The init seed of a fresh rewind: its own random draw, distinct for every (seed, N, M)."""
+  return int(np.random.SeedSequence([seed, num_tokens, num_segments]).generate_state(1)[0] % 2 ** 31)
+
+
 def run_config(config: ml_collections.ConfigDict, *, splits: tuple[str, str], seed: int | None = None,
-               pruned: Mapping[str, Any] | None = None, init_adapter: str = '') -> ml_collections.ConfigDict:
+               pruned: Mapping[str, Any] | None = None, init_adapter: str = '',
+               init_seed: int | None = None) -> ml_collections.ConfigDict:
   """One run of the protocol: masks trainable (stage 1) or `pruned` and frozen (rewind, final)."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.mode = 'train'
@@ -105,6 +112,7 @@ def run_config(config: ml_collections.ConfigDict, *, splits: tuple[str, str], se
   c.train_masks = pruned is None
   c.data.train_split, c.data.eval_split = splits
   c.seed = config.seed if seed is None else seed
+  c.init_seed = init_seed
   c.init_adapter = init_adapter
   if pruned is not None:
     c.prune.tokens, c.prune.segments, c.prune.mode = pruned['tokens'], pruned['segments'], config.pruning.mode
@@ -126,27 +134,42 @@ def scores_for(config: ml_collections.ConfigDict, data: train.Data, params: Any,
   return importance(params, batches, train.build_model(config, data.num_classes), kind)
 
 
+def stage1_scores(stage1: ml_collections.ConfigDict, data: train.Data, workdir: str) -> dict[str, np.ndarray]:
+  """Importance of the trained stage-1 run, computed once and kept in importance.json; every process takes
+  the lead's (it alone reads and writes the file)."""
+  kind, path = stage1.pruning.importance, os.path.join(workdir, 'importance.json')
+  saved = None
+  if parallel.is_lead() and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+  saved = parallel.broadcast(saved)
+  if saved is None:
+    params = trained_params(stage1, os.path.join(workdir, 'stage1'), data)
+    saved = {'importance': kind, **{k: v.tolist() for k, v in scores_for(stage1, data, params, kind).items()}}
+    if parallel.is_lead():
+      train.write_json_atomic(path, saved)
+    saved = parallel.broadcast(saved)
+  if saved.get('importance') != kind:
+    raise ConfigError(f'{path} holds {saved.get("importance")!r} scores, not config.pruning.importance={kind!r}: '
+                      'use the same importance to resume, or pass a new --workdir')
+  return {k: np.asarray(saved[k]) for k in ('token', 'segment')}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The whole protocol, each run resumable in its own sub-workdir; writes pruning_report.json."""
   p = config.pruning
-  if p.rewind not in ('fresh', 'init'):
-    raise ConfigError(f"config.pruning.rewind={p.rewind!r} is unknown; use 'fresh' (the original) or 'init'")
   tune, final_splits = tuple(p.tune_splits), (config.data.train_split, config.data.eval_split)
   stage1 = run_config(config, splits=tune)
   before = train.train_and_evaluate(stage1, os.path.join(workdir, 'stage1'))
   data = train.load_data(stage1)
-  path = os.path.join(workdir, 'importance.json')
-  if not os.path.exists(path):
-    scores = scores_for(stage1, data, trained_params(stage1, os.path.join(workdir, 'stage1'), data), p.importance)
-    train.write_json_atomic(path, {k: v.tolist() for k, v in scores.items()})
-  with open(path) as f:
-    scores = {k: np.asarray(v) for k, v in json.load(f).items()}
+  scores = stage1_scores(stage1, data, workdir)
   init = os.path.join(workdir, 'stage1', 'adapter_init.npz') if p.rewind == 'init' else ''
   rewinds = []
   for n in p.token_counts or token_candidates(config.model.num_prompts):
     for m in p.segment_counts or segment_candidates():
       pruned = select(scores, n, m)
-      r = train.train_and_evaluate(run_config(config, splits=tune, pruned=pruned, init_adapter=init),
+      fresh = fresh_seed(config.seed, n, m) if p.rewind == 'fresh' else None
+      r = train.train_and_evaluate(run_config(config, splits=tune, pruned=pruned, init_adapter=init, init_seed=fresh),
                                    os.path.join(workdir, 'rewind', f'N{n}_M{m}'))
       rewinds.append({'tokens_pruned': n, 'segments_pruned': m, **pruned, 'accuracy': r['eval_accuracy']})
   best = max(rewinds, key=lambda r: (r['accuracy'], r['tokens_pruned'], r['segments_pruned']))
@@ -165,13 +188,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             'final_std': float(np.std(list(finals.values()))),
             'tuned_before': {k: before[k] for k in ('tuned', 'total', 'tuned_percent')},
             'tuned_after': masks.pruned_report(frozen, best_masks, shapes['params']['prompts']['visual'].shape)}
-  train.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), report)
-  print(f"pruning ({p.importance} scores, rewind {p.rewind}, {p.mode} mode): chose N={best['tokens_pruned']} "
-        f"tokens {best['tokens']}, M={best['segments_pruned']} segments per token (tune accuracy "
-        f"{100 * best['accuracy']:.2f} %); final accuracy {100 * report['final_mean']:.2f} ± "
-        f"{100 * report['final_std']:.2f} % over seeds {list(p.seeds)}; tuned "
-        f"{report['tuned_before']['tuned_percent']:.4f} % -> {report['tuned_after']['tuned_percent']:.4f} %",
-        flush=True)
+  if parallel.is_lead():
+    train.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), report)
+    print(f"pruning ({p.importance} scores, rewind {p.rewind}, {p.mode} mode): chose N={best['tokens_pruned']} "
+          f"tokens {best['tokens']}, M={best['segments_pruned']} segments per token (tune accuracy "
+          f"{100 * best['accuracy']:.2f} %); final accuracy {100 * report['final_mean']:.2f} ± "
+          f"{100 * report['final_std']:.2f} % over seeds {list(p.seeds)}; tuned "
+          f"{report['tuned_before']['tuned_percent']:.4f} % -> {report['tuned_after']['tuned_percent']:.4f} %",
+          flush=True)
+  parallel.barrier(f'pruning report {workdir}')
   return report
 
 

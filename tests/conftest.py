@@ -59,3 +59,24 @@ def assert_close(actual, expected, rtol: float = 1e-5) -> float:
   ratio = float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
   assert ratio <= rtol, f'max error {ratio:.3g} of the largest magnitude exceeds {rtol}'
   return ratio
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache for every process the tests start: their runs compile the same
+  steps again and again."""
+  with pytest.MonkeyPatch.context() as env:
+    env.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('jax_cache')))
+    env.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    env.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+    yield
+
+
+@pytest.fixture(scope='session')
+def reference_run(tmp_path_factory) -> pathlib.Path:
+  """The TINY run of tests/test_run.py, uninterrupted: what every resumed or repaired run must equal."""
+  from tests.test_run import main
+  workdir = tmp_path_factory.mktemp('reference')
+  code, _, err = main(workdir)
+  assert code == 0, err
+  return workdir

@@ -93,7 +93,7 @@ def test_drop_mode_equals_a_model_with_only_the_kept_prompts():
   params = train.init_params(c, model, 32)
   # The same values built by hand: the full-P initialisation with tokens 1 and 3 deleted.
   reference = vit.get_model('tiny', num_classes=5, num_prompts=5, num_kv_prompts=2, use_masks=True)
-  start = reference.init(jax.random.key(c.seed), jnp.zeros((1, 32, 32, 3)))['params']
+  start = reference.init(train.run_keys(c)[0], jnp.zeros((1, 32, 32, 3)))['params']
   keep = [0, 2, 4]
   by_hand = {**start, 'prompts': {**start['prompts'], 'visual': start['prompts']['visual'][:, keep]},
              'masks': {'token': np.ones(3, np.float32), 'segment': np.ones((3, 16), np.float32)}}
@@ -144,6 +144,7 @@ def pipeline(workdir, wait=True):
   return process
 
 
+@pytest.mark.slow
 def test_the_pruning_protocol_runs_from_main_and_resumes_after_a_kill(tmp_path):
   pipeline(tmp_path / 'whole')
   process = pipeline(tmp_path / 'killed', wait=False)
