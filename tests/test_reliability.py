@@ -103,7 +103,9 @@ def test_ctrl_c_and_sigterm_end_in_one_line_and_the_same_command_resumes(referen
   assert 'interrupted at step' in line and 'the same command resumes' in line
   if sig == signal.SIGTERM:
     return  # the same path as Ctrl-C from here on
-  code, _, err = main(tmp_path)
+  # Values the result does not depend on may change on a resume.
+  code, _, err = main(tmp_path, '--config.eval_batch_size=128', '--config.log_every_steps=5',
+                      '--config.keep_checkpoints=3')
   assert code == 0, err
   assert_same_run(tmp_path, reference_run)
   # The run's time counts both segments, not only the last.
@@ -148,11 +150,11 @@ def test_a_workdir_that_cannot_be_created_fails_before_training(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 4 MiB file system of its own (tmpfs): it fills up while the rest of the machine does not."""
+  """A 4 MiB file system of its own (tmpfs): it fills up while the rest of the machine does not. Mounting it
+  needs root, as the suite runs in CI and on the project's machines; elsewhere this test fails, not skips."""
   mount = tmp_path / 'disk'
   mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)]).returncode:
-    pytest.skip('mounting a tmpfs needs root (CI runs as root)')
+  subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)], check=True)
   yield mount
   subprocess.run(['umount', str(mount)], check=True)
 
@@ -176,16 +178,6 @@ def test_a_disk_that_fills_mid_run_fails_in_one_line_and_keeps_the_checkpoints(r
   assert 'make room' in line
   ballast.unlink()
   code, _, err = main(workdir)
-  assert code == 0, err
-  assert_same_run(workdir, reference_run)
-
-
-@pytest.mark.slow
-def test_harmless_changes_resume_a_finished_run(reference_run, tmp_path):
-  workdir = tmp_path / 'run'
-  shutil.copytree(reference_run, workdir)
-  code, _, err = main(workdir, '--config.eval_batch_size=128', '--config.log_every_steps=5',
-                      '--config.keep_checkpoints=3', devices=8)
   assert code == 0, err
   assert_same_run(workdir, reference_run)
 
