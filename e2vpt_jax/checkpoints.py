@@ -187,6 +187,11 @@ def check_space(manager: ocp.CheckpointManager, state: Any) -> None:
                                'same command to resume')
 
 
+def first_line(error: Exception, limit: int = 200) -> str:
+  """The first line of an error's message (orbax's and tensorstore's run to pages), or its type's name."""
+  return next(iter(str(error).strip().splitlines()), type(error).__name__)[:limit]
+
+
 @contextlib.contextmanager
 def writing(manager: ocp.CheckpointManager) -> Iterator[None]:
   """Reports a failed save (surfacing in `save` or `wait_until_finished`, as orbax saves in the background)
@@ -194,8 +199,7 @@ def writing(manager: ocp.CheckpointManager) -> Iterator[None]:
   try:
     yield
   except Exception as e:  # OSError, or tensorstore's ValueError: RESOURCE_EXHAUSTED, from orbax's threads
-    reason = next(iter(str(e).strip().splitlines()), type(e).__name__)[:300]
-    raise CheckpointWriteError(f'saving a checkpoint in {manager.directory} failed ({reason}); the checkpoints '
+    raise CheckpointWriteError(f'saving a checkpoint in {manager.directory} failed ({first_line(e)}); the checkpoints '
                                'before it are intact: make room (or fix the permissions) and run the same command '
                                'to resume') from None
 
@@ -210,8 +214,7 @@ def restore_latest(manager: ocp.CheckpointManager, like: Any) -> Any | None:
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(like))
     except Exception as e:  # orbax and tensorstore report damage as many types; every one means unusable
-      reason = next(iter(str(e).strip().splitlines()), type(e).__name__)[:200]
-      print(f'warning: skipping the damaged checkpoint at step {step} ({reason}); resuming from the one before',
+      print(f'warning: skipping the damaged checkpoint at step {step} ({first_line(e)}); resuming from the one before',
             file=sys.stderr, flush=True)
       manager.delete(step)
   return None
