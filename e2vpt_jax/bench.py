@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m e2vpt_jax.bench --what=train|eval|task|input|prune_flops` (rows for BENCHMARKS.md).
+"""Benchmarks: `python -m e2vpt_jax.bench --what=train|eval|runs|init|task|input|prune_flops` (rows for BENCHMARKS.md).
 
 FLOPs are XLA's cost analysis of the compiled step (2 FLOPs per multiply-add, forward and backward
 as compiled); MFU divides the achieved FLOP/s by the devices' dense bf16 peak, for float32 rows too.
@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import os
 import resource
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from e2vpt_jax import optim, parallel, train
+from e2vpt_jax import checkpoints, optim, parallel, train
+from e2vpt_jax import config as config_lib
+from e2vpt_jax import run
 from e2vpt_jax.models import vit
 from e2vpt_jax.data import input as data_input
 
@@ -26,7 +29,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The benchmark's flags, defined only when it runs as the program: importing bench (main does) adds none."""
-  flags.DEFINE_enum('what', 'train', ['train', 'eval', 'task', 'input', 'prune_flops'], 'what to measure')
+  flags.DEFINE_enum('what', 'train', ['train', 'eval', 'runs', 'init', 'task', 'input', 'prune_flops'],
+                    'what to measure')
   flags.DEFINE_string('variant', 'B/16', 'ViT preset (tiny for a quick check)')
   flags.DEFINE_integer('image_size', 224, 'image side in pixels')
   flags.DEFINE_list('batch_sizes', ['8'], 'global batch sizes to measure')
@@ -39,6 +43,9 @@ def define_flags() -> None:
   flags.DEFINE_float('peak_tflops', 0, 'dense bf16 peak of one device; 0: from its kind')
   flags.DEFINE_integer('batch_size', 64, 'global batch size (VTAB: 64)')
   flags.DEFINE_integer('epochs', 5, 'timed epochs, after one warm-up epoch')
+  flags.DEFINE_list('runs', ['1', '2', '4', '8', '16'], 'runs per step to measure (--what=runs)')
+  flags.DEFINE_integer('sweep_runs', 8, 'runs of the timed sweep (--what=runs; 0: none)')
+  flags.DEFINE_integer('sweep_epochs', 10, 'epochs of each run of the timed sweep')
 
 
 def _images_per_second(data: data_input.InMemory, normalized: bool) -> float:
@@ -220,14 +227,116 @@ def from_config(config: Any, workdir: str) -> list[dict[str, Any]]:
   rows = [measure(setup, training, 3) for training in (True, False)]
   if parallel.is_lead():  # the lead's timings
     os.makedirs(workdir, exist_ok=True)
-    train.write_json_atomic(os.path.join(workdir, 'bench.json'), rows)
+    checkpoints.write_json_atomic(os.path.join(workdir, 'bench.json'), rows)
     print('\n'.join(map(row, rows)))
   parallel.barrier(f'bench {workdir}')
   return rows
 
 
+def run_config(s: Setup, lr: float = 1.0) -> Any:
+  """The training config of a measured setup: a scratch backbone, P = 10, L = 5 for e2vpt."""
+  c = config_lib.base()
+  prompts = {'e2vpt': (10, 5), 'vpt': (10, 0)}.get(s.transfer, (0, 0))
+  config_lib.set_transfer(c, s.transfer, *prompts)
+  c.pretrained, c.model.variant, c.model.remat, c.compute_dtype = 'scratch', s.variant, s.remat or '', s.dtype
+  c.batch_size, c.lr, c.epochs, c.warmup_epochs, c.eval_every_epochs = s.batch_size, lr, 100, 10, 100
+  return c
+
+
+def synthetic(s: Setup, images: int, test_images: int = 0) -> run.Data:
+  """Random uint8 images with 100 classes, in memory: what a run's data looks like to its step."""
+  rng = np.random.default_rng(0)
+  draw = lambda n: rng.integers(0, 256, (n, s.image_size, s.image_size, 3), dtype=np.uint8)
+  test = [(draw(test_images), np.zeros(test_images, np.int32))] if test_images else []
+  return run.Data(data_input.InMemory(draw(images), rng.integers(0, 100, images, dtype=np.int32)), 100,
+                  s.image_size, lambda: test)
+
+
+def measure_runs(setup: run.Setup, runs: int, steps: int, peak_per_device: float = 0) -> dict[str, Any]:
+  """`run.group_step` of `runs` runs on one device: images/s over the group, TFLOP/s, MFU, XLA's memory."""
+  state, fixed, frozen, _ = run.init(setup, [setup.config] * runs)
+  keys = np.stack([jax.random.key_data(jax.random.key(i)) for i in range(runs)])
+  batch = next(data_input.train_batches(setup.data.train, setup.config.batch_size, seed=0, epoch=0,
+                                        mesh=parallel.make_mesh()))
+  step = jax.jit(functools.partial(run.group_step, model=setup.model, tx=setup.tx), donate_argnums=0)
+  args = (fixed, frozen, (batch,), np.zeros(runs, np.int32), keys)
+  start = time.perf_counter()
+  compiled = step.lower(state, *args).compile()
+  compile_s = time.perf_counter() - start
+  flops, memory = compiled.cost_analysis()['flops'], compiled.memory_analysis()
+  state, _ = jax.block_until_ready(compiled(state, *args))
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, loss = compiled(state, *args)
+  jax.block_until_ready(loss)
+  seconds = (time.perf_counter() - start) / steps
+  peak = peak_tflops(peak_per_device)
+  images = runs * setup.config.batch_size
+  return {'runs': runs, 'step_s': seconds, 'images_per_s': images / seconds, 'tflops': flops / seconds / 1e12,
+          'mfu': peak and flops / seconds / 1e12 / peak, 'compile_s': compile_s,
+          'step_memory_gb': (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                             - memory.alias_size_in_bytes) / 1e9, 'peak_memory_gb': peak_memory_gb()}
+
+
+def sweep_wall_time(s: Setup, runs: int, epochs: int, runs_per_step: int, workdir: str) -> float:
+  """Seconds of `run.run_many` over `runs` runs (lrs 0.01 … apart) of `epochs` on 1,000 synthetic images and
+  1,000 test images, `runs_per_step` at a time: setup, init, compiles, training, evaluation and files."""
+  data = synthetic(s, 1000, 1000)
+  configs = {}
+  for i in range(runs):
+    c = run_config(s, lr=0.01 * (i + 1))
+    c.epochs, c.warmup_epochs, c.eval_every_epochs = epochs, 1, epochs
+    configs[f'run{i}'] = c
+  start = time.perf_counter()
+  run.run_many(configs, workdir, runs_per_step, data=data)
+  return time.perf_counter() - start
+
+
+def bench_runs() -> None:
+  """R runs in one step against R steps of one run (same images), then a whole sweep at R = sweep_runs against 1."""
+  s = Setup(FLAGS.variant, FLAGS.image_size, int(FLAGS.batch_sizes[0]), FLAGS.dtypes[0], FLAGS.transfers[0], FLAGS.remat)
+  setup = run.setup(run_config(s), synthetic(s, s.batch_size))
+  print(f'{jax.device_count()} × {jax.devices()[0].device_kind}, jax {jax.__version__}; {s}\n'
+        '| runs per step | step s | images/s over the group | × one run per step | TFLOP/s | MFU | '
+        'XLA step memory GB | peak memory GB | compile s |\n|---|---|---|---|---|---|---|---|---|')
+  single = None
+  for runs in map(int, FLAGS.runs):
+    r = measure_runs(setup, runs, FLAGS.steps, FLAGS.peak_tflops)
+    if runs == 1:
+      single = r['images_per_s']
+    mfu = '–' if r['mfu'] is None else f"{100 * r['mfu']:.1f} %"
+    gain = f"{r['images_per_s'] / single:.2f}" if single else '–'
+    print(f"| {runs} | {r['step_s']:.3f} | {r['images_per_s']:,.1f} | {gain} | {r['tflops']:.2f} | {mfu} | "
+          f"{r['step_memory_gb']:.2f} | {r['peak_memory_gb']:.2f} | {r['compile_s']:.1f} |", flush=True)
+  if FLAGS.sweep_runs:
+    times = {}
+    for per_step in (FLAGS.sweep_runs, 1):
+      with tempfile.TemporaryDirectory() as workdir:
+        times[per_step] = sweep_wall_time(s, FLAGS.sweep_runs, FLAGS.sweep_epochs, per_step, workdir)
+    print(f'sweep of {FLAGS.sweep_runs} runs × {FLAGS.sweep_epochs} epochs (1,000 images, batch {s.batch_size}, '
+          f'1,000 test images), all included: {times[FLAGS.sweep_runs]:.1f} s at runs_per_step={FLAGS.sweep_runs}, '
+          f'{times[1]:.1f} s at 1 ({times[1] / times[FLAGS.sweep_runs]:.2f} ×)', flush=True)
+
+
+def bench_init() -> None:
+  """A run's parameter set-up: the eager init of the whole model against the jitted, adapter-only init
+  (a loaded backbone is read, not drawn)."""
+  s = Setup(FLAGS.variant, FLAGS.image_size, 8, FLAGS.dtypes[0], FLAGS.transfers[0], FLAGS.remat)
+  c = run_config(s)
+  model = run.build_model(c, 100)
+  start = time.perf_counter()
+  jax.block_until_ready(model.init(jax.random.key(0), jnp.zeros((1, s.image_size, s.image_size, 3))))
+  eager = time.perf_counter() - start
+  start = time.perf_counter()
+  run.init_adapters([c], model, s.image_size)
+  jitted = time.perf_counter() - start
+  print(f'{s.variant} {s.image_size} px {s.transfer}: eager init of the whole model {eager:.1f} s; jitted '
+        f'adapter-only init {jitted:.1f} s ({eager / jitted:.1f} ×)')
+
+
 BENCHMARKS: dict[str, Callable[[], None]] = {
     'train': functools.partial(bench_steps, True), 'eval': functools.partial(bench_steps, False),
+    'runs': bench_runs, 'init': bench_init,
     'task': bench_task, 'input': bench_input, 'prune_flops': bench_prune_flops}
 
 

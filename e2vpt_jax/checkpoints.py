@@ -6,6 +6,7 @@ An adapter `.npz` holds the E²VPT parameters under their parameter paths: `prom
 """
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -145,6 +146,22 @@ def write_atomic(path: str, write: Callable[[IO], None], mode: str = 'w') -> Non
       os.unlink(temporary)
       raise
   os.replace(temporary, path)
+
+
+def strict(value: Any) -> Any:
+  """`value` with every non-finite float replaced by None, so that it is strict JSON."""
+  if isinstance(value, Mapping):
+    return {k: strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if np.isfinite(value) else None
+  return value
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+  """Strict JSON (no NaN or Infinity tokens), written atomically."""
+  write_atomic(path, lambda f: json.dump(strict(value), f, indent=1, default=float, allow_nan=False))
 
 
 def save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:

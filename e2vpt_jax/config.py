@@ -70,6 +70,9 @@ def base() -> config_dict.ConfigDict:
       importance='signed', rewind='fresh', mode='mask', tune_splits=('train800', 'val200'),
       token_counts=(), segment_counts=(),  # empty: the original's candidate schedule
       seeds=(42, 44, 82, 100, 800)))
+  # The lr × weight-decay sweep (mode=sweep): the paper's VTAB grid, one seed; each point is a run.
+  c.sweep = config_dict.ConfigDict(dict(lrs=SWEEP_LRS, weight_decays=(0.01, 0.001, 0.0001, 0.0), seeds=(0,)))
+  c.runs_per_step = 0           # runs trained together in one step; 0: as many as fit in device memory
   return c
 
 
@@ -80,13 +83,14 @@ def set_transfer(c: config_dict.ConfigDict, transfer: str, num_prompts: int, num
   c.model.num_kv_prompts = num_kv_prompts if transfer == 'e2vpt' else 0
 
 
-MODES = ('train', 'demo', 'prune', 'bench')
+SWEEP_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
+MODES = ('train', 'sweep', 'demo', 'prune', 'bench')
 DTYPES = ('float32', 'bfloat16')
 REMATS = ('', 'auto', 'dots', 'full')
 OPTIMIZERS = ('sgd', 'adamw')
 # Keys that a run's result does not depend on: a resume may change them.
 NOT_IDENTITY = ('mode', 'eval_batch_size', 'eval_every_epochs', 'log_every_steps', 'checkpoint_every_epochs',
-                'keep_checkpoints', 'distributed', 'pruning', 'stages')
+                'keep_checkpoints', 'distributed', 'pruning', 'stages', 'sweep', 'runs_per_step')
 # The demo's stage table: config key -> the stage's field that sets it.
 STAGE_KEYS = {'transfer': 'transfer', 'optimizer': 'optimizer', 'lr': 'lr', 'weight_decay': 'weight_decay',
               'batch_size': 'batch_size', 'epochs': 'epochs', 'warmup_epochs': 'warmup_epochs',
@@ -95,7 +99,7 @@ STAGE_KEYS = {'transfer': 'transfer', 'optimizer': 'optimizer', 'lr': 'lr', 'wei
 # Integer keys and their least valid value.
 AT_LEAST = {'seed': 0, 'batch_size': 1, 'eval_batch_size': 1, 'epochs': 1, 'warmup_epochs': 0,
             'eval_every_epochs': 1, 'checkpoint_every_epochs': 1, 'keep_checkpoints': 1, 'log_every_steps': 1,
-            'model.num_prompts': 0, 'model.num_kv_prompts': 0}
+            'model.num_prompts': 0, 'model.num_kv_prompts': 0, 'runs_per_step': 0}
 
 
 def get(c: config_dict.ConfigDict, key: str) -> Any:
@@ -180,6 +184,15 @@ def validate(c: config_dict.ConfigDict) -> None:
   require(len(c.prune.segments) <= num_prompts and all(_ids(row, vit.NUM_SEGMENTS) for row in c.prune.segments),
           'prune.segments', c.prune.segments,
           f'use at most {num_prompts} rows (one per token) of distinct segment ids in [0, {vit.NUM_SEGMENTS})')
+  if c.mode == 'sweep':
+    w = c.sweep
+    require(len(w.lrs) > 0 and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in w.lrs)
+            and len(set(w.lrs)) == len(w.lrs), 'sweep.lrs', w.lrs, 'use one or more distinct finite numbers > 0')
+    require(len(w.weight_decays) > 0 and len(set(w.weight_decays)) == len(w.weight_decays)
+            and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in w.weight_decays),
+            'sweep.weight_decays', w.weight_decays, 'use one or more distinct finite numbers >= 0')
+    require(len(w.seeds) > 0 and _ids(w.seeds, 2 ** 31), 'sweep.seeds', w.seeds,
+            'use one or more distinct integer seeds >= 0')
   if c.mode == 'prune':
     p = c.pruning
     require(prompted and num_prompts > 0, 'transfer', c.transfer,

@@ -6,7 +6,8 @@ import os
 from ml_collections import config_dict
 
 from e2vpt_jax import config as config_lib
-from e2vpt_jax import parallel, pruning, train
+from e2vpt_jax import checkpoints, parallel, pruning
+from e2vpt_jax import run as run_lib
 
 STAGES = ('pretrain', 'e2vpt', 'linear', 'masked')
 
@@ -32,7 +33,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, dict]:
   configs = {name: stage_config(config, name, backbone) for name in STAGES}
   for c in configs.values():
     config_lib.validate(c)
-  results = {name: train.train_and_evaluate(c, os.path.join(workdir, name)) for name, c in configs.items()
+  results = {name: run_lib.train_and_evaluate(c, os.path.join(workdir, name)) for name, c in configs.items()
              if name != 'masked'}
   pre = results['pretrain']
   parallel.say(f"\nBackbone: ViT '{config.model.variant}' pretrained from scratch on {pre['task']} "
@@ -41,13 +42,13 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, dict]:
   for name, label in (('e2vpt', 'E²VPT'), ('linear', 'linear probe')):
     r = results[name]
     parallel.say(f"| {label} | {100 * r['eval_accuracy']:.1f} % | {r['tuned']:,} | {r['tuned_percent']:.2f} % |")
-  results['masked'] = train.train_and_evaluate(configs['masked'], os.path.join(workdir, 'masked'))
+  results['masked'] = run_lib.train_and_evaluate(configs['masked'], os.path.join(workdir, 'masked'))
   rows = pruning.compare_scores(configs['masked'], os.path.join(workdir, 'masked'))
   parallel.say(f"\nE²VPT with trainable masks: {100 * results['masked']['eval_accuracy']:.1f} %; with its N "
                'lowest-scored prompt tokens pruned (no retraining), by score:')
   parallel.say(pruning.comparison_table(rows))
   if parallel.is_lead():
-    train.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), {'score_comparison': rows})
-    train.write_json_atomic(os.path.join(workdir, 'result.json'), results)
+    checkpoints.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), {'score_comparison': rows})
+    checkpoints.write_json_atomic(os.path.join(workdir, 'result.json'), results)
   parallel.barrier(f'demo results {workdir}')
   return results

@@ -9,7 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from e2vpt_jax import bench, demo, parallel, pruning, train
+from e2vpt_jax import bench, demo, parallel, protocol, pruning
+from e2vpt_jax import run as run_lib
 from e2vpt_jax import workdir as workdir_lib
 from e2vpt_jax.errors import UserError
 
@@ -17,7 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. con
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and results go; a run resumes here')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = {'train': train.train_and_evaluate, 'demo': demo.run, 'prune': pruning.run, 'bench': bench.from_config}
+MODES = {'train': run_lib.train_and_evaluate, 'sweep': protocol.sweep, 'demo': demo.run, 'prune': pruning.run, 'bench': bench.from_config}
 # A write that fails for want of space or permission: reported in one line; checkpoints are atomic.
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> None:
     raise UserError(f'cannot load the --config file: {str(e).strip().splitlines()[-1].strip()}') from None
   parallel.initialize(config.distributed)
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-  train.check_run(config, workdir)
+  run_lib.check_run(config, workdir)
   with workdir_lib.claim(workdir):
     MODES[config.mode](config, workdir)
 

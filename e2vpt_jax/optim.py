@@ -106,3 +106,11 @@ def make_optimizer(lr: float, weight_decay: float, batch_size: int, steps_per_ep
   return optax.inject_hyperparams(_transform, static_args=('name', 'momentum', 'factor'))(
       learning_rate=lr * batch_size / 256, weight_decay=weight_decay, name=name, momentum=momentum,
       factor=factor)
+
+
+def with_hyperparams(state: optax.OptState, learning_rate: jax.Array, weight_decay: jax.Array) -> optax.OptState:
+  """`make_optimizer`'s state with this run's lr (already batch-scaled) and weight decay: the values a
+  compiled step reads, so runs that differ only in them share it."""
+  hyperparams = {**state.hyperparams, 'learning_rate': jnp.asarray(learning_rate, jnp.float32),
+                 'weight_decay': jnp.asarray(weight_decay, jnp.float32)}
+  return state._replace(hyperparams=hyperparams)

@@ -1,4 +1,4 @@
-"""The device mesh: one `data` axis over every device of every process; parameters replicated.
+"""The device mesh ('runs', 'data'): whole runs spread over `runs`, one batch split over `data`.
 
 With several processes, all take the same decisions from the same values; only the lead writes shared files.
 """
@@ -52,13 +52,36 @@ def _join_arguments() -> dict[str, Any]:
   return {'coordinator_address': address, 'num_processes': int(count), 'process_id': int(index)}
 
 
-def make_mesh() -> Mesh:
-  return Mesh(np.array(jax.devices()), ('data',))
+def make_mesh(runs: int = 1) -> Mesh:
+  """Every device as `runs` rows × the rest; `runs` divides each process's device count, and every row
+  has the same share of each process's devices, so each process feeds its own rows of every batch."""
+  local = jax.local_device_count()
+  if local % runs:
+    raise ValueError(f'{runs} runs rows do not divide the {local} devices of a process')
+  devices = np.array(jax.devices()).reshape(jax.process_count(), runs, local // runs)
+  return Mesh(devices.transpose(1, 0, 2).reshape(runs, -1), ('runs', 'data'))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree on every device of the mesh (parameters and optimizer state)."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  return place_tree(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def place(value: Any, sharding: NamedSharding) -> jax.Array:
+  """A host value (the same on every process) as a global array laid out by `sharding`."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def place_tree(tree: Any, sharding: NamedSharding) -> Any:
+  return jax.tree.map(lambda x: place(x, sharding), tree)
+
+
+def to_host(tree: Any) -> Any:
+  """A pytree of global arrays as numpy on every process (parts held by other processes gathered)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def is_lead() -> bool:
@@ -89,6 +112,7 @@ def broadcast(value: Any) -> Any:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = 'batch_size') -> None:
+  """A batch is split evenly over the devices; checked against every device (a run alone on the mesh)."""
   if batch_size % mesh.size:
     raise ConfigError(f'config.{name}={batch_size} is not divisible by the {mesh.size} devices; '
                      f'use a multiple of {mesh.size}')

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from e2vpt_jax import checkpoints, masks, optim, parallel, train
+from e2vpt_jax import run as run_lib
 from e2vpt_jax.data import input as data_input
 from e2vpt_jax.errors import ConfigError
 from e2vpt_jax.models.vit import NUM_SEGMENTS
@@ -120,21 +121,21 @@ def run_config(config: ml_collections.ConfigDict, *, splits: tuple[str, str], se
   return c
 
 
-def trained_params(config: ml_collections.ConfigDict, workdir: str, data: train.Data) -> dict[str, Any]:
+def trained_params(config: ml_collections.ConfigDict, workdir: str, data: run_lib.Data) -> dict[str, Any]:
   """The parameters a finished run ended with: its backbone and its exported adapter."""
-  model = train.build_model(config, data.num_classes)
-  _, backbone = optim.partition(train.init_params(config, model, data.image_size), checkpoints.is_adapter)
+  model = run_lib.build_model(config, data.num_classes)
+  _, backbone = optim.partition(run_lib.init_params(config, model, data.image_size), checkpoints.is_adapter)
   return optim.combine(backbone, checkpoints.load_adapter(os.path.join(workdir, 'adapter.npz')))
 
 
-def scores_for(config: ml_collections.ConfigDict, data: train.Data, params: Any, kind: str) -> dict[str, np.ndarray]:
+def scores_for(config: ml_collections.ConfigDict, data: run_lib.Data, params: Any, kind: str) -> dict[str, np.ndarray]:
   """Importance of `params` over one pass of the run's training set."""
   batches = data_input.train_batches(data.train, config.batch_size, seed=config.seed, epoch=0,
                                      mesh=parallel.make_mesh())
-  return importance(params, batches, train.build_model(config, data.num_classes), kind)
+  return importance(params, batches, run_lib.build_model(config, data.num_classes), kind)
 
 
-def stage1_scores(stage1: ml_collections.ConfigDict, data: train.Data, workdir: str) -> dict[str, np.ndarray]:
+def stage1_scores(stage1: ml_collections.ConfigDict, data: run_lib.Data, workdir: str) -> dict[str, np.ndarray]:
   """Importance of the trained stage-1 run, computed once and kept in importance.json; every process takes
   the lead's (it alone reads and writes the file)."""
   kind, path = stage1.pruning.importance, os.path.join(workdir, 'importance.json')
@@ -147,7 +148,7 @@ def stage1_scores(stage1: ml_collections.ConfigDict, data: train.Data, workdir: 
     params = trained_params(stage1, os.path.join(workdir, 'stage1'), data)
     saved = {'importance': kind, **{k: v.tolist() for k, v in scores_for(stage1, data, params, kind).items()}}
     if parallel.is_lead():
-      train.write_json_atomic(path, saved)
+      checkpoints.write_json_atomic(path, saved)
     saved = parallel.broadcast(saved)
   if saved.get('importance') != kind:
     raise ConfigError(f'{path} holds {saved.get("importance")!r} scores, not config.pruning.importance={kind!r}: '
@@ -160,8 +161,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   p = config.pruning
   tune, final_splits = tuple(p.tune_splits), (config.data.train_split, config.data.eval_split)
   stage1 = run_config(config, splits=tune)
-  before = train.train_and_evaluate(stage1, os.path.join(workdir, 'stage1'))
-  data = train.load_data(stage1)
+  before = run_lib.train_and_evaluate(stage1, os.path.join(workdir, 'stage1'))
+  data = run_lib.load_data(stage1)
   scores = stage1_scores(stage1, data, workdir)
   init = os.path.join(workdir, 'stage1', 'adapter_init.npz') if p.rewind == 'init' else ''
   rewinds = []
@@ -169,15 +170,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for m in p.segment_counts or segment_candidates():
       pruned = select(scores, n, m)
       fresh = fresh_seed(config.seed, n, m) if p.rewind == 'fresh' else None
-      r = train.train_and_evaluate(run_config(config, splits=tune, pruned=pruned, init_adapter=init, init_seed=fresh),
+      r = run_lib.train_and_evaluate(run_config(config, splits=tune, pruned=pruned, init_adapter=init, init_seed=fresh),
                                    os.path.join(workdir, 'rewind', f'N{n}_M{m}'))
       rewinds.append({'tokens_pruned': n, 'segments_pruned': m, **pruned, 'accuracy': r['eval_accuracy']})
   best = max(rewinds, key=lambda r: (r['accuracy'], r['tokens_pruned'], r['segments_pruned']))
-  finals = {seed: train.train_and_evaluate(run_config(config, splits=final_splits, seed=seed, pruned=best,
+  finals = {seed: run_lib.train_and_evaluate(run_config(config, splits=final_splits, seed=seed, pruned=best,
                                                       init_adapter=init),
                                            os.path.join(workdir, 'final', f'seed{seed}'))['eval_accuracy']
             for seed in p.seeds}
-  model = train.build_model(stage1, data.num_classes)
+  model = run_lib.build_model(stage1, data.num_classes)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, data.image_size, data.image_size, 3)))
   frozen = optim.param_report(shapes['params'], optim.predicate(config.transfer, train_masks=False))
   best_masks = masks.binary_masks(config.model.num_prompts, best['tokens'], best['segments'])
@@ -189,7 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             'tuned_before': {k: before[k] for k in ('tuned', 'total', 'tuned_percent')},
             'tuned_after': masks.pruned_report(frozen, best_masks, shapes['params']['prompts']['visual'].shape)}
   if parallel.is_lead():
-    train.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), report)
+    checkpoints.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), report)
     print(f"pruning ({p.importance} scores, rewind {p.rewind}, {p.mode} mode): chose N={best['tokens_pruned']} "
           f"tokens {best['tokens']}, M={best['segments_pruned']} segments per token (tune accuracy "
           f"{100 * best['accuracy']:.2f} %); final accuracy {100 * report['final_mean']:.2f} ± "
@@ -203,9 +204,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def compare_scores(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Eval accuracy of the finished masked run in `workdir` with its N lowest-scored tokens zeroed, for
   every score kind and candidate N, without retraining: how well each score ranks the tokens."""
-  data = train.load_data(config)
+  data = run_lib.load_data(config)
   params = trained_params(config, workdir, data)
-  model = train.build_model(config, data.num_classes)
+  model = run_lib.build_model(config, data.num_classes)
   mesh = parallel.make_mesh()
   eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
   rows = []
@@ -216,7 +217,7 @@ def compare_scores(config: ml_collections.ConfigDict, workdir: str) -> list[dict
       token = params['masks']['token'] * masks.binary_masks(config.model.num_prompts, tokens, [])['token']
       pruned = {**params, 'masks': {**params['masks'], 'token': token}}
       rows.append({'importance': kind, 'tokens_pruned': n, 'tokens': tokens,
-                   'accuracy': train.evaluate(eval_fn, pruned, {}, data, config.eval_batch_size, mesh)})
+                   'accuracy': float(run_lib.evaluate(lambda b: eval_fn(pruned, {}, b), data, config.eval_batch_size, mesh))})
   return rows
 
 

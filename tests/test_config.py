@@ -8,7 +8,7 @@ import pytest
 
 from e2vpt_jax import config as config_lib
 from e2vpt_jax import main as main_lib
-from e2vpt_jax import train
+from e2vpt_jax import run
 from e2vpt_jax.errors import UserError
 from tests.test_run import load_config, main, snapshot
 
@@ -45,7 +45,13 @@ BAD = [
     ({'model.remat': 'some'}, "config.model.remat='some' is invalid"),
     ({'transfer': 'lora'}, "config.transfer='lora' is invalid: use one of ['e2vpt', 'full', 'linear', 'vpt']"),
     ({'optimizer': 'adam'}, "config.optimizer='adam' is invalid: use one of ['adamw', 'sgd']"),
-    ({'mode': 'sweep'}, "config.mode='sweep' is invalid: use one of ['bench', 'demo', 'prune', 'train']"),
+    ({'mode': 'search'}, "config.mode='search' is invalid: use one of ['bench', 'demo', 'prune', 'sweep', 'train']"),
+    ({'mode': 'sweep', 'sweep.lrs': ()}, 'config.sweep.lrs=() is invalid: use one or more distinct finite numbers > 0'),
+    ({'mode': 'sweep', 'sweep.lrs': (1.0, 0.0)}, 'config.sweep.lrs=(1.0, 0.0) is invalid'),
+    ({'mode': 'sweep', 'sweep.lrs': (1.0, 1.0)}, 'config.sweep.lrs=(1.0, 1.0) is invalid'),
+    ({'mode': 'sweep', 'sweep.weight_decays': (-1e-4,)}, 'config.sweep.weight_decays=(-0.0001,) is invalid'),
+    ({'mode': 'sweep', 'sweep.seeds': (1, 1)}, 'config.sweep.seeds=(1, 1) is invalid'),
+    ({'runs_per_step': -1}, 'config.runs_per_step=-1 is invalid: use an integer >= 0'),
     ({'data.source': 'imagenet'}, "config.data.source='imagenet' is invalid: use one of ['demo', 'fgvc', 'vtab']"),
     ({'data.task': 'mnist'}, "config.data.task='mnist' is invalid: use one of ['digits', 'shapes']"),
     ({'data.train_split': 'val'}, "config.data.train_split='val' is invalid: use one of"),
@@ -84,14 +90,14 @@ def demo_stage(**overrides):
 def test_every_bad_value_is_one_line_before_anything_runs(overrides, message):
   c = demo_stage(**overrides)
   with pytest.raises(UserError) as e:
-    train.check_run(c)
+    run.check_run(c)
   assert message in str(e.value) and '\n' not in str(e.value)
 
 
 def test_the_demo_and_a_stage_config_pass():
-  train.check_run(demo_stage())
-  train.check_run(load_config('configs/demo.py', None))
-  train.check_run(demo_stage(mode='prune', **{'pruning.token_counts': (1, 9), 'pruning.segment_counts': (12,)}))
+  run.check_run(demo_stage())
+  run.check_run(load_config('configs/demo.py', None))
+  run.check_run(demo_stage(mode='prune', **{'pruning.token_counts': (1, 9), 'pruning.segment_counts': (12,)}))
 
 
 def test_the_main_command_runs_every_mode():
@@ -129,11 +135,11 @@ def test_a_bad_value_on_an_existing_run_changes_nothing(reference_run):
   assert snapshot(reference_run) == before
 
 
-def test_a_corrupt_config_json_is_one_line(tmp_path):
-  (tmp_path / 'config.json').write_text('{"seed": ')
+def test_a_corrupt_spec_json_is_one_line(tmp_path):
+  (tmp_path / 'spec.json').write_text('{"seed": ')
   code, _, err = main(tmp_path)
   assert code == 1 and err.strip().splitlines() == [
-      f"error: workdir '{tmp_path}' has an unreadable config.json (Expecting value: line 1 column 10 (char 9)): "
+      f"error: workdir '{tmp_path}' has an unreadable spec.json (Expecting value: line 1 column 10 (char 9)): "
       'pass a new --workdir']
 
 

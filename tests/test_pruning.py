@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2vpt_jax import checkpoints, masks, optim, pruning, train
+from e2vpt_jax import checkpoints, masks, optim, pruning, run, train
 from e2vpt_jax.models import vit
 from tests.conftest import assert_close
 from tests.test_run import ROOT
@@ -88,12 +88,12 @@ def test_candidate_segment_counts_and_nested_selection():
 
 def test_drop_mode_equals_a_model_with_only_the_kept_prompts():
   c = config_for_drop()
-  model = train.build_model(c, 5)
+  model = run.build_model(c, 5)
   assert model.num_prompts == 3
-  params = train.init_params(c, model, 32)
-  # The same values built by hand: the full-P initialisation with tokens 1 and 3 deleted.
+  params = run.init_params(c, model, 32)
+  # The same values built by hand: the full-P initialisation (mask mode) with tokens 1 and 3 deleted.
   reference = vit.get_model('tiny', num_classes=5, num_prompts=5, num_kv_prompts=2, use_masks=True)
-  start = reference.init(train.run_keys(c)[0], jnp.zeros((1, 32, 32, 3)))['params']
+  start = masked = run.init_params(config_for_drop('mask'), reference, 32)
   keep = [0, 2, 4]
   by_hand = {**start, 'prompts': {**start['prompts'], 'visual': start['prompts']['visual'][:, keep]},
              'masks': {'token': np.ones(3, np.float32), 'segment': np.ones((3, 16), np.float32)}}
@@ -104,7 +104,6 @@ def test_drop_mode_equals_a_model_with_only_the_kept_prompts():
     np.testing.assert_array_equal(model.apply({'params': params}, images), smaller.apply({'params': by_hand}, images))
   # Inference compute falls with the sequence.
   flops = lambda m, p: jax.jit(m.apply).lower({'params': p}, images).compile().cost_analysis()['flops']
-  masked = train.init_params(config_for_drop('mask'), reference, 32)
   assert flops(model, params) < 0.95 * flops(reference, masked)
 
 

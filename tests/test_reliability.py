@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from e2vpt_jax import checkpoints, pruning, train
+from e2vpt_jax import checkpoints, pruning, run
 from tests.test_run import adapter, load_config, main, metrics
 
 
@@ -186,12 +186,12 @@ def test_a_pruning_search_with_other_seeds_resumes_its_stage_one(tmp_path):
   c = load_config('configs/demo.py', 'stage=e2vpt')
   c.pretrained, c.mode = 'scratch', 'prune'
   stage1 = pruning.run_config(c, splits=('train800', 'val200'))
-  train.write_json_atomic(str(tmp_path / 'config.json'), train.config_json(stage1))
+  checkpoints.write_json_atomic(str(tmp_path / 'spec.json'), run.RunSpec.from_config(stage1).to_json())
   c.pruning.seeds, c.pruning.token_counts = (1, 2, 3), (2,)
-  train.check_workdir(pruning.run_config(c, splits=('train800', 'val200')), str(tmp_path))  # no error
+  run.check_workdir(pruning.run_config(c, splits=('train800', 'val200')), str(tmp_path))  # no error
   c.lr = 2.0
   with pytest.raises(ValueError, match=r'holds a run with another config \(lr: 5.0 -> 2.0\)'):
-    train.check_workdir(pruning.run_config(c, splits=('train800', 'val200')), str(tmp_path))
+    run.check_workdir(pruning.run_config(c, splits=('train800', 'val200')), str(tmp_path))
 
 
 def tiny_config(**overrides):
@@ -203,7 +203,7 @@ def tiny_config(**overrides):
 
 
 def initial_prompts(c):
-  return train.init_params(c, train.build_model(c, 10), 32)['prompts']['visual']
+  return run.init_params(c, run.build_model(c, 10), 32)['prompts']['visual']
 
 
 def test_fresh_rewinds_draw_new_initial_values_and_init_rewinds_do_not():
@@ -224,11 +224,11 @@ def jax_key_data(key):
 
 def test_init_and_dropout_keys_are_split_and_the_init_seed_moves_only_the_init():
   c = tiny_config()
-  init, dropout = train.run_keys(c)
+  init, dropout = run.run_keys(c)
   assert not np.array_equal(jax_key_data(init), jax_key_data(dropout))
   reseeded = tiny_config(init_seed=7)
   assert not np.array_equal(initial_prompts(reseeded), initial_prompts(c))
-  np.testing.assert_array_equal(jax_key_data(train.run_keys(reseeded)[1]), jax_key_data(dropout))
+  np.testing.assert_array_equal(jax_key_data(run.run_keys(reseeded)[1]), jax_key_data(dropout))
   moved = tiny_config(seed=5, init_seed=7)
   np.testing.assert_array_equal(initial_prompts(moved), initial_prompts(reseeded))
 
@@ -237,14 +237,14 @@ def test_pruned_entries_imply_fixed_masks():
   c = tiny_config()
   c.prune.tokens, c.prune.segments = (1,), ((), (0, 5), (), ())
   assert not c.model.use_masks
-  model = train.build_model(c, 10)
-  params = train.init_params(c, model, 32)
+  model = run.build_model(c, 10)
+  params = run.init_params(c, model, 32)
   np.testing.assert_array_equal(params['masks']['token'], [1, 0, 1, 1])
   assert params['masks']['segment'][1, [0, 5]].tolist() == [0, 0]
-  assert not train.trainable_predicate(c)(('masks', 'token'))  # pruned entries stay pruned
+  assert not run.trainable_predicate(c)(('masks', 'token'))  # pruned entries stay pruned
   # A parameter tree with parts the model does not use is refused, not silently ignored.
   with pytest.raises(checkpoints.CheckpointMismatchError, match=r"unexpected \['masks/segment', 'masks/token'\]"):
-    train.init_params(c, model.clone(use_masks=False), 32)
+    run.init_params(c, model.clone(use_masks=False), 32)
 
 
 @pytest.mark.parametrize('make, message', [

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from e2vpt_jax import config as config_lib
-from e2vpt_jax import demo, train
+from e2vpt_jax import demo, run
 
 ROOT = pathlib.Path(__file__).parents[1]
 # A small E²VPT run on the demo's digits: 1,000 images, 63 steps of 16 per epoch.
@@ -137,7 +137,7 @@ def test_transfer_types_train_and_report_their_tuned_share(tmp_path, transfer, t
   config_lib.set_transfer(c, transfer, 10, 10)
   c.pretrained, c.epochs, c.warmup_epochs = 'scratch', 1, 0
   c.lr = 0.05 if transfer == 'full' else c.lr  # the prompts' lr 5 diverges a whole backbone
-  result = train.train_and_evaluate(c, str(tmp_path))
+  result = run.train_and_evaluate(c, str(tmp_path))
   assert (result['tuned'], result['total']) == (tuned, total)
   assert result['tuned_percent'] == pytest.approx(100 * tuned / total)
   assert 0 <= result['eval_accuracy'] <= 1 and result['steps'] == 16
