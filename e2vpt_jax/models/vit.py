@@ -72,13 +72,15 @@ def prompted_attention(q: Array, k: Array, v: Array, kv_prompt: Array | None) ->
   """softmax(q [E; k]ᵀ / sqrt(d)) [E; v], written out as the reference computes it (the default).
 
   q, k, v are [B, N, H, d]; the scores accumulate, scale and go through the softmax in (at least) float32
-  whatever the compute dtype, so bf16 rounds only the weights that multiply v.
+  whatever the compute dtype, so bf16 rounds only the weights that multiply v. The products run head-major
+  ([B, H, N, d], each head's rows contiguous): on XLA:CPU that makes attention 3.6× faster (BENCHMARKS.md).
   """
   k, v = prepend_kv_prompt(k, kv_prompt), prepend_kv_prompt(v, kv_prompt)
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
   accumulate = jnp.promote_types(q.dtype, jnp.float32)
-  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=accumulate)
+  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=accumulate)
   weights = jax.nn.softmax(scores / jnp.sqrt(q.shape[-1]).astype(accumulate), axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+  return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, v), 1, 2)
 
 
 def fused_attention(q: Array, k: Array, v: Array, kv_prompt: Array | None,
