@@ -91,6 +91,7 @@ def _decay_mask(params: Mapping[str, Any]) -> Any:
       lambda path, _: tuple(k.key for k in path) != ('head', 'bias'), params)
 
 
+@functools.lru_cache(maxsize=None)
 def make_optimizer(lr: float, weight_decay: float, batch_size: int, steps_per_epoch: int,
                    total_epochs: int, warmup_epochs: int, name: str = 'sgd',
                    momentum: float = 0.9) -> optax.GradientTransformation:
@@ -99,6 +100,7 @@ def make_optimizer(lr: float, weight_decay: float, batch_size: int, steps_per_ep
   The lr is scaled by batch_size / 256 and follows `warmup_cosine`, stepped once per epoch (epoch 0
   runs at lr 0 while the momentum still accumulates). lr and weight decay are arrays in the
   optimizer state (`opt_state.hyperparams`), so runs that differ only in them share one compiled step.
+  Made once per argument list, so that equal optimizers are one object (a cache key of compiled steps).
   """
   if name not in ('sgd', 'adamw'):
     raise ConfigError(f"unknown optimizer {name!r}; use 'sgd' (the reference) or 'adamw'")

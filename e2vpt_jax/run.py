@@ -187,18 +187,24 @@ def init_backbone(config: ml_collections.ConfigDict, model: vit.ViT, image_size:
   _, like = optim.partition(template(model, image_size), checkpoints.is_adapter)
   if config.pretrained != 'scratch':
     return checkpoints.load_backbone(config.pretrained, like)
-  draw = jax.jit(lambda key: optim.partition(model.init(key, _images(image_size))['params'],
-                                             checkpoints.is_adapter)[1])
-  return checkpoints.fit(jax.device_get(draw(run_keys(config)[0])), like, 'the scratch backbone')
+  backbone = jax.device_get(_draw(model, image_size, adapter=False)(run_keys(config)[0]))
+  return checkpoints.fit(backbone, like, 'the scratch backbone')
+
+
+@functools.lru_cache(maxsize=None)
+def _draw(model: vit.ViT, image_size: int, adapter: bool) -> Callable[[jax.Array], dict]:
+  """The jitted init of the adapter (vmapped over keys) or of the backbone alone: XLA drops the other
+  part's computation. Compiled once per model."""
+  part = lambda key: optim.partition(model.init(key, _images(image_size))['params'],
+                                     checkpoints.is_adapter)[0 if adapter else 1]
+  return jax.jit(jax.vmap(part) if adapter else part)
 
 
 def init_adapters(configs: Sequence[ml_collections.ConfigDict], model: vit.ViT, image_size: int) -> list[dict]:
-  """Each run's prompts and head, drawn from its init key in one jitted, vmapped, adapter-only init
-  (XLA drops the backbone's), or read from its `init_adapter`; the pruned entries' masks set to 0 (and in
+  """Each run's prompts and head, drawn from its init key in one jitted, vmapped, adapter-only init,
+  or read from its `init_adapter`; the pruned entries' masks set to 0 (and in
   drop mode their tokens removed); each checked against the model's own adapter template."""
-  full = model.clone(num_prompts=configs[0].model.num_prompts)
-  draw = jax.jit(jax.vmap(lambda key: optim.partition(full.init(key, _images(image_size))['params'],
-                                                      checkpoints.is_adapter)[0]))
+  draw = _draw(model.clone(num_prompts=configs[0].model.num_prompts), image_size, adapter=True)
   drawn = jax.device_get(draw(jnp.stack([run_keys(c)[0] for c in configs])))
   like, _ = optim.partition(template(model, image_size), checkpoints.is_adapter)
   adapters = []
@@ -232,11 +238,12 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, data: Data | None = None) -> Setup:
+  """The shared part of `config`'s group (its data unless given): loaded and built once."""
   data = data or load_data(config)
   model = build_model(config, data.num_classes)
   steps = data_input.steps_per_epoch(len(data.train.labels), config.batch_size)
-  tx = optim.make_optimizer(config.lr, config.weight_decay, config.batch_size, steps, config.epochs,
-                            config.warmup_epochs, config.optimizer)
+  # lr and weight decay are placeholders here: `init` sets each run's, so runs of one shape share one step
+  tx = optim.make_optimizer(1.0, 0.0, config.batch_size, steps, config.epochs, config.warmup_epochs, config.optimizer)
   return Setup(config, data, model, tx, init_backbone(config, model, data.image_size), trainable_predicate(config),
                steps)
 
@@ -244,6 +251,11 @@ def setup(config: ml_collections.ConfigDict, data: Data | None = None) -> Setup:
 def stack(trees: Sequence[Any]) -> Any:
   """Trees of one structure as one tree with a leading runs axis."""
   return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+# A group's state: per run (leading runs axis) the trainable tree, optimizer state, whether it is still finite,
+# the step it diverged at and that step's loss; then the step and the training seconds so far.
+STATE_KEYS = ('trainable', 'opt_state', 'alive', 'diverged_at', 'bad_loss', 'step', 'elapsed')
 
 
 def init(s: Setup, configs: Sequence[ml_collections.ConfigDict]) -> tuple[dict, dict, dict, list[dict]]:
@@ -260,10 +272,9 @@ def init(s: Setup, configs: Sequence[ml_collections.ConfigDict]) -> tuple[dict, 
   wds = np.array([c.weight_decay for c in configs], np.float32)
   opt_state = jax.vmap(lambda t, lr, wd: optim.with_hyperparams(s.tx.init(t), lr, wd))(trainable, lrs, wds)
   r = len(configs)
-  state = {'trainable': trainable, 'opt_state': opt_state, 'alive': np.ones(r, bool),
-           'diverged_at': np.zeros(r, np.int32), 'bad_loss': np.zeros(r, np.float32), 'step': np.int32(0),
-           'elapsed': np.float32(0)}
-  cast = lambda tree: jax.tree.map(lambda x: np.asarray(x).astype(dtype), tree)
+  state = dict(zip(STATE_KEYS, (trainable, opt_state, np.ones(r, bool), np.zeros(r, np.int32), np.zeros(r, np.float32),
+                                np.int32(0), np.float32(0))))
+  cast = lambda tree: jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), tree)
   return state, cast(fixed), cast(frozen), adapters
 
 
@@ -477,6 +488,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return result
 
 
+@functools.lru_cache(maxsize=None)
+def _steps(model: vit.ViT, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+  """The jitted group train and eval steps, made once per model, optimizer and mesh (and so compiled once
+  per shape however many groups and runs use them)."""
+  runs, shared = NamedSharding(mesh, PartitionSpec('runs')), NamedSharding(mesh, PartitionSpec())
+  state = {k: shared if k in ('step', 'elapsed') else runs for k in STATE_KEYS}
+  train_fn = jax.jit(functools.partial(group_step, model=model, tx=tx), donate_argnums=0,
+                     out_shardings=(state, runs))
+  return train_fn, jax.jit(functools.partial(group_eval, model=model))
+
+
 def fit(s: Setup, configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str], group_dir: str,
         label: str = '') -> list[dict[str, Any]]:
   """Trains the runs `configs` (one shape, `s`) together, each into its workdir, the stacked state
@@ -511,9 +533,7 @@ def fit(s: Setup, configs: Sequence[ml_collections.ConfigDict], workdirs: Sequen
   parallel.say(f"{what}: tuned {report['tuned']:,} of {report['total']:,} parameters ({report['tuned_percent']:.4f} %)"
                f", {mesh.size} devices, {r} run{'s' * (r > 1)}, {total_steps - step} steps to go")
 
-  train_fn = jax.jit(functools.partial(group_step, model=s.model, tx=s.tx), donate_argnums=0,
-                     out_shardings=(shardings, runs))
-  eval_fn = jax.jit(functools.partial(group_eval, model=s.model))
+  train_fn, eval_fn = _steps(s.model, s.tx, mesh)
   results = [{'transfer': c.transfer, 'task': c.data.task, 'eval_split': c.data.eval_split, 'epochs': c.epochs,
               'lr': c.lr, 'weight_decay': c.weight_decay, 'seed': c.seed, 'init_seed': RunSpec.from_config(c).init_seed,
               'devices': mesh.size, 'runs_in_group': r, **report} for c in configs]

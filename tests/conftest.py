@@ -63,12 +63,17 @@ def assert_close(actual, expected, rtol: float = 1e-5) -> float:
 
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for every process the tests start: their runs compile the same
-  steps again and again."""
+  """JAX's persistent compilation cache for this process and every process the tests start: their runs
+  compile the same steps again and again."""
+  import jax
+  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  settings = {'jax_compilation_cache_dir': cache, 'jax_persistent_cache_min_compile_time_secs': 0,
+              'jax_persistent_cache_min_entry_size_bytes': 0}
+  for name, value in settings.items():
+    jax.config.update(name, value)
   with pytest.MonkeyPatch.context() as env:
-    env.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('jax_cache')))
-    env.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-    env.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+    for name, value in settings.items():
+      env.setenv(name.upper(), str(value))
     yield
 
 
