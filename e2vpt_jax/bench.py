@@ -294,7 +294,8 @@ def sweep_wall_time(s: Setup, runs: int, epochs: int, runs_per_step: int, workdi
 
 def bench_runs() -> None:
   """R runs in one step against R steps of one run (same images), then a whole sweep at R = sweep_runs against 1."""
-  s = Setup(FLAGS.variant, FLAGS.image_size, int(FLAGS.batch_sizes[0]), FLAGS.dtypes[0], FLAGS.transfers[0], FLAGS.remat)
+  s = Setup(FLAGS.variant, FLAGS.image_size, int(FLAGS.batch_sizes[0]), FLAGS.dtypes[0], FLAGS.transfers[0],
+            FLAGS.remat)
   setup = run.setup(run_config(s), synthetic(s, s.batch_size))
   print(f'{jax.device_count()} × {jax.devices()[0].device_kind}, jax {jax.__version__}; {s}\n'
         '| runs per step | step s | images/s over the group | × one run per step | TFLOP/s | MFU | '

@@ -221,16 +221,29 @@ def writing(manager: ocp.CheckpointManager) -> Iterator[None]:
                                'to resume') from None
 
 
+def _saved_parts(manager: ocp.CheckpointManager, step: int) -> set[str] | None:
+  """The top-level names of a saved state, or None where its metadata does not read (damage)."""
+  try:
+    return set(manager.item_metadata(step).keys())
+  except Exception:  # as for restoring: any failure means the metadata is damaged
+    return None
+
+
 def restore_latest(manager: ocp.CheckpointManager, like: Any) -> Any | None:
   """The newest saved run state that restores, shaped and sharded like `like`, or None for a fresh run.
 
   A checkpoint that does not restore (a truncated data file, damaged metadata) is deleted with a
-  one-line warning, so that the run resumes from the one before and can save that step again.
+  one-line warning, so that the run resumes from the one before and can save that step again. One
+  that is intact but holds another layout (an earlier version's run state) is refused and kept.
   """
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(like))
     except Exception as e:  # orbax and tensorstore report damage as many types; every one means unusable
+      if _saved_parts(manager, step) not in (None, set(like)):  # intact, but another layout: keep it
+        raise CheckpointMismatchError(
+            f'the checkpoint at step {step} in {manager.directory} holds {sorted(_saved_parts(manager, step))}, '
+            f'not a run state of this version ({sorted(like)}); it is left as it is: pass a new --workdir') from None
       print(f'warning: skipping the damaged checkpoint at step {step} ({first_line(e)}); resuming from the one before',
             file=sys.stderr, flush=True)
       manager.delete(step)

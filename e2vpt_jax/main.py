@@ -18,7 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. con
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and results go; a run resumes here')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = {'train': run_lib.train_and_evaluate, 'sweep': protocol.sweep, 'demo': demo.run, 'prune': pruning.run, 'bench': bench.from_config}
+MODES = {'train': run_lib.train_and_evaluate, 'sweep': protocol.sweep, 'demo': demo.run, 'prune': pruning.run,
+         'bench': bench.from_config}
 # A write that fails for want of space or permission: reported in one line; checkpoints are atomic.
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 

@@ -38,10 +38,9 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {'task': config.data.task, 'eval_split': config.data.eval_split, 'runs': rows, 'best': best(rows)}
   if parallel.is_lead():
     checkpoints.write_json_atomic(os.path.join(workdir, 'sweep.json'), summary)
-    chosen = summary['best']
-    failed = sum(r['status'] != 'finished' for r in rows)
-    print(f"sweep of {len(rows)} runs on {config.data.task} ({failed} diverged): best lr {chosen['lr']:g}, weight decay "
-          f"{chosen['weight_decay']:g}, {config.data.eval_split} accuracy {100 * chosen['eval_accuracy']:.2f} %"
-          if chosen else f'sweep of {len(rows)} runs on {config.data.task}: every run diverged', flush=True)
+    chosen, failed = summary['best'], sum(r['status'] != 'finished' for r in rows)
+    outcome = (f"best lr {chosen['lr']:g}, weight decay {chosen['weight_decay']:g}, {config.data.eval_split} accuracy "
+               f"{100 * chosen['eval_accuracy']:.2f} %" if chosen else 'every run diverged')
+    print(f'sweep of {len(rows)} runs on {config.data.task} ({failed} diverged): {outcome}', flush=True)
   parallel.barrier(f'sweep {workdir}')
   return summary

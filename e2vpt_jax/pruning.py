@@ -216,8 +216,8 @@ def compare_scores(config: ml_collections.ConfigDict, workdir: str) -> list[dict
       tokens = select(scores, n, 0)['tokens']
       token = params['masks']['token'] * masks.binary_masks(config.model.num_prompts, tokens, [])['token']
       pruned = {**params, 'masks': {**params['masks'], 'token': token}}
-      rows.append({'importance': kind, 'tokens_pruned': n, 'tokens': tokens,
-                   'accuracy': float(run_lib.evaluate(lambda b: eval_fn(pruned, {}, b), data, config.eval_batch_size, mesh))})
+      accuracy = run_lib.evaluate(lambda b: eval_fn(pruned, {}, b), data, config.eval_batch_size, mesh)
+      rows.append({'importance': kind, 'tokens_pruned': n, 'tokens': tokens, 'accuracy': float(accuracy)})
   return rows
 
 

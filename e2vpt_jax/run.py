@@ -328,7 +328,8 @@ def step_memory(s: Setup, runs: int) -> int:
   fixed, frozen = jax.tree.map(widen, fixed), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
   b = s.config.batch_size
   image = jax.ShapeDtypeStruct((b, s.data.image_size, s.data.image_size, 3), jnp.float32)
-  batch = {'image': image, 'label': jax.ShapeDtypeStruct((b,), jnp.int32), 'mask': jax.ShapeDtypeStruct((b,), jnp.float32)}
+  batch = {'image': image, 'label': jax.ShapeDtypeStruct((b,), jnp.int32),
+           'mask': jax.ShapeDtypeStruct((b,), jnp.float32)}
   keys = jax.ShapeDtypeStruct((runs, 2), jnp.uint32)
   step = jax.jit(functools.partial(group_step, model=s.model, tx=s.tx), donate_argnums=0)
   m = step.lower(state, fixed, frozen, (batch,), jax.ShapeDtypeStruct((runs,), jnp.int32), keys).compile() \

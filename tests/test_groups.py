@@ -112,14 +112,16 @@ def test_group_size_follows_the_memory_analysis(backbone, monkeypatch):
   assert run.group_size(s, 5, 0) == 5 and run.group_size(s, 100, 2) == 2
 
 
-# The sweep from the command line: 4 lrs × 2 weight decays on 1,000 images, 2 epochs of 25 steps of 40.
-SWEEP = ['--config.mode=sweep', '--config.runs_per_step=8', '--config.epochs=2', '--config.batch_size=40', '--config.model.num_prompts=4',
-         '--config.model.num_kv_prompts=2', '--config.eval_every_epochs=1', '--config.warmup_epochs=1']
+# The sweep from the command line: 4 lrs × 2 weight decays on 800 images, 2 epochs of 20 steps of 40.
+SWEEP = ['--config.mode=sweep', '--config.runs_per_step=8', '--config.epochs=2', '--config.data.train_split=train800',
+         '--config.batch_size=40', '--config.model.num_prompts=4', '--config.model.num_kv_prompts=2',
+         '--config.eval_every_epochs=1', '--config.warmup_epochs=1']
 SWEEP_BASE = ['--config=configs/demo.py:stage=e2vpt', '--config.pretrained=scratch']
 
 
 def sweep(workdir, lrs='0.1,0.2,0.4,0.8', weight_decays='0.0,0.0001', devices=1, wait=True):
-  return main(workdir, *SWEEP_BASE, *SWEEP, f'--config.sweep.lrs=({lrs})', f'--config.sweep.weight_decays=({weight_decays},)',
+  return main(workdir, *SWEEP_BASE, *SWEEP, f'--config.sweep.lrs=({lrs})',
+              f'--config.sweep.weight_decays=({weight_decays},)',
               devices=devices, wait=wait, tiny=False)
 
 
@@ -143,6 +145,7 @@ def sweep_config():
   """SWEEP as a config, for this process (its 8 devices)."""
   c = load_config('configs/demo.py', 'stage=e2vpt')
   c.pretrained, c.mode, c.runs_per_step, c.epochs, c.batch_size, c.eval_every_epochs = 'scratch', 'sweep', 8, 2, 40, 1
+  c.data.train_split = 'train800'
   c.model.num_prompts, c.model.num_kv_prompts, c.warmup_epochs = 4, 2, 1
   c.sweep.lrs, c.sweep.weight_decays = (0.1, 0.2, 0.4, 0.8), (0.0, 0.0001)
   return c
@@ -161,8 +164,10 @@ def test_eight_runs_over_eight_devices_equal_one_device(sweep_run, tmp_path, cap
 
 
 def test_the_sweep_picks_the_best_last_epoch_accuracy_ties_to_the_smaller_lr():
-  rows = [{'lr': 1.0, 'status': 'finished', 'eval_accuracy': 0.5}, {'lr': 0.5, 'status': 'finished', 'eval_accuracy': 0.5},
-          {'lr': 0.1, 'status': 'finished', 'eval_accuracy': 0.4}, {'lr': 9.0, 'status': 'diverged', 'eval_accuracy': None}]
+  rows = [{'lr': 1.0, 'status': 'finished', 'eval_accuracy': 0.5},
+          {'lr': 0.5, 'status': 'finished', 'eval_accuracy': 0.5},
+          {'lr': 0.1, 'status': 'finished', 'eval_accuracy': 0.4},
+          {'lr': 9.0, 'status': 'diverged', 'eval_accuracy': None}]
   assert protocol.best(rows)['lr'] == 0.5
   assert protocol.best(rows[3:]) is None
 
@@ -171,7 +176,7 @@ def test_the_sweep_picks_the_best_last_epoch_accuracy_ties_to_the_smaller_lr():
 def test_a_group_killed_mid_run_resumes_bit_identically(sweep_run, tmp_path):
   process = sweep(tmp_path, wait=False)
   deadline = time.time() + 240
-  while not list(tmp_path.glob('groups/*/checkpoints/25')) and process.poll() is None and time.time() < deadline:
+  while not list(tmp_path.glob('groups/*/checkpoints/20')) and process.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   time.sleep(0.3)
   process.send_signal(signal.SIGKILL)

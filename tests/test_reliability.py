@@ -14,10 +14,11 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from e2vpt_jax import checkpoints, pruning, run
-from tests.test_run import adapter, load_config, main, metrics
+from tests.test_run import adapter, load_config, main, metrics, snapshot
 
 
 def error_lines(err: str) -> list[str]:
@@ -62,6 +63,16 @@ def test_a_diverged_run_stops_at_its_step_and_says_so(tmp_path):
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['63']  # the last good state, kept
   assert not (tmp_path / 'adapter.npz').exists()
   assert all(np.isfinite(r['train_loss']) for r in metrics(tmp_path))
+
+
+def test_an_intact_checkpoint_of_another_layout_is_refused_and_kept(tmp_path):
+  manager = checkpoints.run_state_manager(str(tmp_path / 'checkpoints'), 2)
+  manager.save(63, args=ocp.args.StandardSave({'trainable': {'w': np.zeros(3)}, 'step': np.int32(63)}))
+  manager.wait_until_finished()
+  before = snapshot(tmp_path / 'checkpoints')
+  code, _, err = main(tmp_path)
+  assert code == 1 and "holds ['step', 'trainable'], not a run state of this version" in error_lines(err)[0], err
+  assert snapshot(tmp_path / 'checkpoints') == before
 
 
 @pytest.mark.slow

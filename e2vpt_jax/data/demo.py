@@ -7,6 +7,7 @@ images; 1,000 train (as VTAB-1k: train800 + val200) and 797 test, split by a fix
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -30,14 +31,21 @@ def shapes(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
   return images, factors['shape']
 
 
-def digits(seed: int, part: slice) -> tuple[np.ndarray, np.ndarray]:
-  """scikit-learn's digits, 8 × 8 with 17 grey levels, as uint8 [n, 32, 32, 3]."""
+@functools.cache
+def _all_digits() -> tuple[np.ndarray, np.ndarray]:
+  """All of scikit-learn's digits, upscaled once per process (every split and run reads them)."""
   from sklearn.datasets import load_digits
   data = load_digits()
-  order = np.random.default_rng(seed).permutation(len(data.target))[part]
   scale = IMAGE_SIZE // data.images.shape[1]
-  images = np.kron(data.images[order], np.ones((scale, scale))) * (255 / 16)
-  return np.repeat(images[..., None], 3, -1).round().astype(np.uint8), data.target[order].astype(np.int32)
+  images = np.kron(data.images, np.ones((scale, scale))) * (255 / 16)
+  return np.repeat(images[..., None], 3, -1).round().astype(np.uint8), data.target.astype(np.int32)
+
+
+def digits(seed: int, part: slice) -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits, 8 × 8 with 17 grey levels, as uint8 [n, 32, 32, 3]."""
+  images, labels = _all_digits()
+  order = np.random.default_rng(seed).permutation(len(labels))[part]
+  return images[order], labels[order]
 
 
 @dataclasses.dataclass(frozen=True)
