@@ -22,7 +22,7 @@ RTOL = 1e-5
 def tiny(backbone, **values):
   c = load_config('configs/demo.py', 'stage=e2vpt')
   c.pretrained, c.epochs, c.warmup_epochs, c.batch_size, c.eval_every_epochs = str(backbone), 3, 1, 40, 2
-  c.data.train_split, c.model.num_prompts, c.model.num_kv_prompts = 'val200', 4, 2
+  c.data.train_split, c.data.eval_split, c.model.num_prompts, c.model.num_kv_prompts = 'val200', 'val200', 4, 2
   for key, value in values.items():
     c[key] = value
   return c
@@ -112,9 +112,9 @@ def test_group_size_follows_the_memory_analysis(backbone, monkeypatch):
   assert run.group_size(s, 5, 0) == 5 and run.group_size(s, 100, 2) == 2
 
 
-# The sweep from the command line: 4 lrs × 2 weight decays on 800 images, 2 epochs of 20 steps of 40.
+# The sweep from the command line: 4 lrs × 2 weight decays on 800 images, 2 epochs of 20 steps of 40; 200 to test.
 SWEEP = ['--config.mode=sweep', '--config.runs_per_step=8', '--config.epochs=2', '--config.data.train_split=train800',
-         '--config.batch_size=40', '--config.model.num_prompts=4', '--config.model.num_kv_prompts=2',
+         '--config.data.eval_split=val200', '--config.batch_size=40', '--config.model.num_prompts=4', '--config.model.num_kv_prompts=2',
          '--config.eval_every_epochs=1', '--config.warmup_epochs=1']
 SWEEP_BASE = ['--config=configs/demo.py:stage=e2vpt', '--config.pretrained=scratch']
 
@@ -145,7 +145,7 @@ def sweep_config():
   """SWEEP as a config, for this process (its 8 devices)."""
   c = load_config('configs/demo.py', 'stage=e2vpt')
   c.pretrained, c.mode, c.runs_per_step, c.epochs, c.batch_size, c.eval_every_epochs = 'scratch', 'sweep', 8, 2, 40, 1
-  c.data.train_split = 'train800'
+  c.data.train_split, c.data.eval_split = 'train800', 'val200'
   c.model.num_prompts, c.model.num_kv_prompts, c.warmup_epochs = 4, 2, 1
   c.sweep.lrs, c.sweep.weight_decays = (0.1, 0.2, 0.4, 0.8), (0.0, 0.0001)
   return c

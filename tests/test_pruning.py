@@ -130,7 +130,7 @@ def test_tuned_share_after_pruning_is_reported_as_the_original():
 PIPELINE = ['--config=configs/demo.py:stage=e2vpt', '--config.mode=prune', '--config.pretrained=scratch',
             '--config.epochs=1', '--config.warmup_epochs=0', '--config.lr=0.5', '--config.model.num_prompts=4',
             '--config.pruning.token_counts=(1,2)', '--config.pruning.segment_counts=(4,)',
-            '--config.pruning.seeds=(42,44)', '--config.pruning.rewind=init']
+            '--config.pruning.seeds=(42,44)', '--config.pruning.rewind=init', '--config.data.eval_split=val200']
 
 
 def pipeline(workdir, wait=True):

@@ -151,7 +151,8 @@ def test_demo_runs_all_stages_and_prints_the_comparison(tmp_path, capsys):
   c = load_config('configs/demo.py', None)
   for stage in c.stages.values():
     stage.epochs, stage.warmup_epochs = 1, 0
-  c.stages.pretrain.task = 'digits'  # 1,000 images rather than 16,384: the stages' plumbing is what is tested
+  # 1,000 images rather than 16,384, and 200 to evaluate: the stages' plumbing is what is tested
+  c.stages.pretrain.task, c.data.eval_split = 'digits', 'val200'
   results = demo.run(c, str(tmp_path))
   assert set(results) == {'pretrain', 'e2vpt', 'linear', 'masked'}
   table = capsys.readouterr().out
