@@ -240,9 +240,10 @@ def restore_latest(manager: ocp.CheckpointManager, like: Any) -> Any | None:
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(like))
     except Exception as e:  # orbax and tensorstore report damage as many types; every one means unusable
-      if _saved_parts(manager, step) not in (None, set(like)):  # intact, but another layout: keep it
+      saved = _saved_parts(manager, step)
+      if saved not in (None, set(like)):  # intact, but another layout: keep it
         raise CheckpointMismatchError(
-            f'the checkpoint at step {step} in {manager.directory} holds {sorted(_saved_parts(manager, step))}, '
+            f'the checkpoint at step {step} in {manager.directory} holds {sorted(saved)}, '
             f'not a run state of this version ({sorted(like)}); it is left as it is: pass a new --workdir') from None
       print(f'warning: skipping the damaged checkpoint at step {step} ({first_line(e)}); resuming from the one before',
             file=sys.stderr, flush=True)

@@ -256,6 +256,13 @@ def stack(trees: Sequence[Any]) -> Any:
 # A group's state: per run (leading runs axis) the trainable tree, optimizer state, whether it is still finite,
 # the step it diverged at and that step's loss; then the step and the training seconds so far.
 STATE_KEYS = ('trainable', 'opt_state', 'alive', 'diverged_at', 'bad_loss', 'step', 'elapsed')
+SHARED = ('step', 'elapsed')  # the state's counters: one value for the group, not one per run
+
+
+def state_shardings(mesh: jax.sharding.Mesh) -> dict[str, NamedSharding]:
+  """The group state's layout, by part: per-run parts split over `runs`, the counters replicated."""
+  runs, shared = NamedSharding(mesh, PartitionSpec('runs')), NamedSharding(mesh, PartitionSpec())
+  return {k: shared if k in SHARED else runs for k in STATE_KEYS}
 
 
 def init(s: Setup, configs: Sequence[ml_collections.ConfigDict]) -> tuple[dict, dict, dict, list[dict]]:
@@ -323,7 +330,7 @@ def step_memory(s: Setup, runs: int) -> int:
   """Bytes XLA plans for one device's group step of `runs` runs (arguments, outputs, temporaries)."""
   state, fixed, frozen, _ = init(s, [s.config])
   widen = lambda x: jax.ShapeDtypeStruct((runs, *x.shape[1:]), x.dtype)
-  state = {k: jax.ShapeDtypeStruct((), v.dtype) if k in ('step', 'elapsed') else jax.tree.map(widen, v)
+  state = {k: jax.ShapeDtypeStruct((), v.dtype) if k in SHARED else jax.tree.map(widen, v)
            for k, v in state.items()}
   fixed, frozen = jax.tree.map(widen, fixed), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
   b = s.config.batch_size
@@ -493,10 +500,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _steps(model: vit.ViT, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
   """The jitted group train and eval steps, made once per model, optimizer and mesh (and so compiled once
   per shape however many groups and runs use them)."""
-  runs, shared = NamedSharding(mesh, PartitionSpec('runs')), NamedSharding(mesh, PartitionSpec())
-  state = {k: shared if k in ('step', 'elapsed') else runs for k in STATE_KEYS}
   train_fn = jax.jit(functools.partial(group_step, model=model, tx=tx), donate_argnums=0,
-                     out_shardings=(state, runs))
+                     out_shardings=(state_shardings(mesh), NamedSharding(mesh, PartitionSpec('runs'))))
   return train_fn, jax.jit(functools.partial(group_eval, model=model))
 
 
@@ -508,8 +513,8 @@ def fit(s: Setup, configs: Sequence[ml_collections.ConfigDict], workdirs: Sequen
   mesh = parallel.make_mesh(runs=math.gcd(r, jax.local_device_count()))
   state, fixed, frozen, adapters = init(s, configs)
   runs, shared = NamedSharding(mesh, PartitionSpec('runs')), NamedSharding(mesh, PartitionSpec())
-  shardings = {k: jax.tree.map(lambda _: shared if k in ('step', 'elapsed') else runs, v) for k, v in state.items()}
-  state = jax.tree.map(parallel.place, state, shardings)
+  layout = state_shardings(mesh)
+  state = {k: parallel.place_tree(v, layout[k]) for k, v in state.items()}
   fixed, frozen = parallel.place_tree(fixed, runs), parallel.place_tree(frozen, shared)
   seeds = sorted({c.seed for c in configs})
   which = parallel.place(np.array([seeds.index(c.seed) for c in configs], np.int32), runs)
