@@ -35,43 +35,48 @@ def choose(key: str, value: str, options: Mapping[str, T]) -> T:
 def base() -> config_dict.ConfigDict:
   """Defaults of one training run: the reference's recipe on ViT-B/16 (lr and wd are per task in the paper)."""
   c = config_dict.ConfigDict()
-  c.mode = 'train'
+  c.mode = 'train'              # train (one run) | sweep (lr × wd grid) | protocol (the paper's) | demo | bench
   c.seed = 0                    # data order and dropout; also the init unless init_seed is set
   c.init_seed = config_dict.placeholder(int)  # prompts' and head's initial draw; None: seed
   c.transfer = 'e2vpt'          # e2vpt | vpt | linear | full: what trains (optim.is_trainable)
   c.train_masks = True          # pruning masks train (stage 1) when model.use_masks
   c.pretrained = ''             # Google ViT npz, or 'scratch' for a random backbone
-  c.model = config_dict.ConfigDict(dict(variant='B/16', num_prompts=10, num_kv_prompts=5, use_masks=False,
-                                        prompt_dropout=0.1, remat='auto', attention='einsum'))
+  # variant: B/16, tiny, …; P visual and L key-value prompts; masks: token and segment pruning masks;
   # remat: auto (dots on CPU, where it is leaner and no slower; none elsewhere), '', dots or full;
   # attention: einsum (as the reference), fused, cudnn (GPU, bf16)
+  c.model = config_dict.ConfigDict(dict(variant='B/16', num_prompts=10, num_kv_prompts=5, use_masks=False,
+                                        prompt_dropout=0.1, remat='auto', attention='einsum'))
+  # source vtab | fgvc | demo; task and split names are the source's (data/vtab.py, data/fgvc.py)
   c.data = config_dict.ConfigDict(dict(source='vtab', task='cifar100', data_dir='~/tensorflow_datasets',
                                        train_split='train800val200', eval_split='test'))
   c.optimizer = 'sgd'           # the reference's SGD; adamw only for pretraining from scratch
   c.lr = 1.0                    # before the batch_size / 256 scaling, as the reference's grid
-  c.weight_decay = 1e-4
-  c.batch_size = 64
-  c.eval_batch_size = 256
-  c.epochs = 100
-  c.warmup_epochs = 10
+  c.weight_decay = 1e-4         # coupled (added to the gradient before momentum); not on the head's bias
+  c.batch_size = 64             # global: split over the devices; the lr scales with it
+  c.eval_batch_size = 256       # global; the last batch is padded and masked
+  c.epochs = 100                # the reference's schedule length
+  c.warmup_epochs = 10          # linear warmup, then cosine, stepped once per epoch as the reference
   c.compute_dtype = 'float32'   # bfloat16 on accelerators: frozen backbone and activations
-  c.eval_every_epochs = 10
-  c.checkpoint_every_epochs = 1
-  c.keep_checkpoints = 2
-  c.log_every_steps = 10
+  c.eval_every_epochs = 10      # and after the last epoch, whose accuracy is the run's
+  c.checkpoint_every_epochs = 1  # a killed run resumes from its last checkpoint
+  c.keep_checkpoints = 2        # newest checkpoints kept per run or group
+  c.log_every_steps = 10        # progress-bar loss; metrics.jsonl has one line per epoch
   c.distributed = False         # join a multi-host job (jax.distributed.initialize)
   # This run's pruned prompt entries (rewind and final runs): token ids, and per token its segment ids.
   # mode=mask keeps zeroed tokens in the sequence (the original); drop removes them.
   c.prune = config_dict.ConfigDict(dict(tokens=(), segments=(), mode='mask'))
   c.init_adapter = ''           # start prompts and head from this adapter npz instead of fresh values
-  # The pruning protocol (mode=prune): stage 1 with trainable masks on the tune splits, importance,
-  # a rewind run per (N, M), the best by last-epoch tune accuracy, then final runs over seeds.
-  c.pruning = config_dict.ConfigDict(dict(
-      importance='signed', rewind='fresh', mode='mask', tune_splits=('train800', 'val200'),
-      token_counts=(), segment_counts=(),  # empty: the original's candidate schedule
-      seeds=(42, 44, 82, 100, 800)))
-  # The lr × weight-decay sweep (mode=sweep): the paper's VTAB grid, one seed; each point is a run.
+  # Pruning in the protocol: importance signed (the original) | abs (the paper) | ablation; rewind fresh
+  # (new draw, the original) | init (stage 1's start); mode of the rewinds and final runs; the (N, M)
+  # candidates, () for the original's schedule.
+  c.pruning = config_dict.ConfigDict(dict(importance='signed', rewind='fresh', mode='mask', token_counts=(),
+                                          segment_counts=()))
+  # The lr × weight-decay grid (mode=sweep, and the protocol's first stage): the paper's VTAB grid, one seed.
   c.sweep = config_dict.ConfigDict(dict(lrs=SWEEP_LRS, weight_decays=(0.01, 0.001, 0.0001, 0.0), seeds=(0,)))
+  # mode=protocol: the grid on tune_splits, pruning if prune (the grid runs then train masks), then the
+  # final seeds on data.train_split → data.eval_split.
+  c.protocol = config_dict.ConfigDict(dict(prune=False, tune_splits=('train800', 'val200'),
+                                           seeds=(42, 44, 82, 100, 800)))
   c.runs_per_step = 0           # runs trained together in one step; 0: as many as fit in device memory
   return c
 
@@ -84,13 +89,13 @@ def set_transfer(c: config_dict.ConfigDict, transfer: str, num_prompts: int, num
 
 
 SWEEP_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
-MODES = ('train', 'sweep', 'demo', 'prune', 'bench')
+MODES = ('train', 'sweep', 'protocol', 'demo', 'bench')
 DTYPES = ('float32', 'bfloat16')
 REMATS = ('', 'auto', 'dots', 'full')
 OPTIMIZERS = ('sgd', 'adamw')
 # Keys that a run's result does not depend on: a resume may change them.
 NOT_IDENTITY = ('mode', 'eval_batch_size', 'eval_every_epochs', 'log_every_steps', 'checkpoint_every_epochs',
-                'keep_checkpoints', 'distributed', 'pruning', 'stages', 'sweep', 'runs_per_step')
+                'keep_checkpoints', 'distributed', 'pruning', 'stages', 'sweep', 'protocol', 'runs_per_step')
 # The demo's stage table: config key -> the stage's field that sets it.
 STAGE_KEYS = {'transfer': 'transfer', 'optimizer': 'optimizer', 'lr': 'lr', 'weight_decay': 'weight_decay',
               'batch_size': 'batch_size', 'epochs': 'epochs', 'warmup_epochs': 'warmup_epochs',
@@ -184,7 +189,7 @@ def validate(c: config_dict.ConfigDict) -> None:
   require(len(c.prune.segments) <= num_prompts and all(_ids(row, vit.NUM_SEGMENTS) for row in c.prune.segments),
           'prune.segments', c.prune.segments,
           f'use at most {num_prompts} rows (one per token) of distinct segment ids in [0, {vit.NUM_SEGMENTS})')
-  if c.mode == 'sweep':
+  if c.mode in ('sweep', 'protocol'):
     w = c.sweep
     require(len(w.lrs) > 0 and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in w.lrs)
             and len(set(w.lrs)) == len(w.lrs), 'sweep.lrs', w.lrs, 'use one or more distinct finite numbers > 0')
@@ -193,21 +198,23 @@ def validate(c: config_dict.ConfigDict) -> None:
             'sweep.weight_decays', w.weight_decays, 'use one or more distinct finite numbers >= 0')
     require(len(w.seeds) > 0 and _ids(w.seeds, 2 ** 31), 'sweep.seeds', w.seeds,
             'use one or more distinct integer seeds >= 0')
-  if c.mode == 'prune':
-    p = c.pruning
+  if c.mode != 'protocol':
+    return
+  p, q = c.protocol, c.pruning
+  require(len(p.seeds) > 0 and _ids(p.seeds, 2 ** 31), 'protocol.seeds', p.seeds,
+          'use one or more distinct integer seeds >= 0')
+  require(len(p.tune_splits) == 2 and all(s in splits for s in p.tune_splits), 'protocol.tune_splits',
+          p.tune_splits, f'use (train split, eval split), each one of {sorted(splits)}')
+  if p.prune:
     require(prompted and num_prompts > 0, 'transfer', c.transfer,
             'pruning needs prompts: use transfer=e2vpt or vpt with model.num_prompts > 0')
-    require(_ids(p.token_counts, num_prompts) and 0 not in p.token_counts, 'pruning.token_counts',
-            p.token_counts, f'use distinct counts in [1, {num_prompts - pruning.MIN_TOKENS}], or () for the '
+    require(_ids(q.token_counts, num_prompts) and 0 not in q.token_counts, 'pruning.token_counts',
+            q.token_counts, f'use distinct counts in [1, {num_prompts - pruning.MIN_TOKENS}], or () for the '
             "original's schedule")
-    require(_ids(p.segment_counts, vit.NUM_SEGMENTS - pruning.MIN_SEGMENTS + 1) and 0 not in p.segment_counts,
-            'pruning.segment_counts', p.segment_counts,
+    require(_ids(q.segment_counts, vit.NUM_SEGMENTS - pruning.MIN_SEGMENTS + 1) and 0 not in q.segment_counts,
+            'pruning.segment_counts', q.segment_counts,
             f'use distinct counts in [1, {vit.NUM_SEGMENTS - pruning.MIN_SEGMENTS}], or () for the original\'s '
             'schedule')
-    require(len(p.seeds) > 0 and _ids(p.seeds, 2 ** 31), 'pruning.seeds', p.seeds,
-            'use one or more distinct integer seeds >= 0')
-    require(len(p.tune_splits) == 2 and all(s in splits for s in p.tune_splits), 'pruning.tune_splits',
-            p.tune_splits, f'use (train split, eval split), each one of {sorted(splits)}')
 
 
 def identity(values: Mapping[str, Any]) -> dict[str, Any]:

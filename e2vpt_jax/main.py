@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from e2vpt_jax import bench, demo, parallel, protocol, pruning
+from e2vpt_jax import bench, demo, parallel, protocol
 from e2vpt_jax import run as run_lib
 from e2vpt_jax import workdir as workdir_lib
 from e2vpt_jax.errors import UserError
@@ -18,8 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. con
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and results go; a run resumes here')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = {'train': run_lib.train_and_evaluate, 'sweep': protocol.sweep, 'demo': demo.run, 'prune': pruning.run,
-         'bench': bench.from_config}
+MODES = {'train': run_lib.train_and_evaluate, 'sweep': protocol.sweep, 'protocol': protocol.protocol,
+         'demo': demo.run, 'bench': bench.from_config}
 # A write that fails for want of space or permission: reported in one line; checkpoints are atomic.
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 

@@ -103,24 +103,6 @@ def fresh_seed(seed: int, num_tokens: int, num_segments: int) -> int:
   return int(np.random.SeedSequence([seed, num_tokens, num_segments]).generate_state(1)[0] % 2 ** 31)
 
 
-def run_config(config: ml_collections.ConfigDict, *, splits: tuple[str, str], seed: int | None = None,
-               pruned: Mapping[str, Any] | None = None, init_adapter: str = '',
-               init_seed: int | None = None) -> ml_collections.ConfigDict:
-  """One run of the protocol: masks trainable (stage 1) or `pruned` and frozen (rewind, final)."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.mode = 'train'
-  c.model.use_masks = True
-  c.train_masks = pruned is None
-  c.data.train_split, c.data.eval_split = splits
-  c.seed = config.seed if seed is None else seed
-  c.init_seed = init_seed
-  c.init_adapter = init_adapter
-  if pruned is not None:
-    c.prune.tokens, c.prune.segments, c.prune.mode = pruned['tokens'], pruned['segments'], config.pruning.mode
-  c.lock()
-  return c
-
-
 def trained_params(config: ml_collections.ConfigDict, workdir: str, data: run_lib.Data) -> dict[str, Any]:
   """The parameters a finished run ended with: its backbone and its exported adapter."""
   model = run_lib.build_model(config, data.num_classes)
@@ -135,9 +117,10 @@ def scores_for(config: ml_collections.ConfigDict, data: run_lib.Data, params: An
   return importance(params, batches, run_lib.build_model(config, data.num_classes), kind)
 
 
-def stage1_scores(stage1: ml_collections.ConfigDict, data: run_lib.Data, workdir: str) -> dict[str, np.ndarray]:
-  """Importance of the trained stage-1 run, computed once and kept in importance.json; every process takes
-  the lead's (it alone reads and writes the file)."""
+def stage1_scores(stage1: ml_collections.ConfigDict, data: run_lib.Data, run_dir: str,
+                  workdir: str) -> dict[str, np.ndarray]:
+  """Importance of the trained stage-1 run in `run_dir`, computed once and kept in workdir/importance.json;
+  every process takes the lead's (it alone reads and writes the file)."""
   kind, path = stage1.pruning.importance, os.path.join(workdir, 'importance.json')
   saved = None
   if parallel.is_lead() and os.path.exists(path):
@@ -145,7 +128,7 @@ def stage1_scores(stage1: ml_collections.ConfigDict, data: run_lib.Data, workdir
       saved = json.load(f)
   saved = parallel.broadcast(saved)
   if saved is None:
-    params = trained_params(stage1, os.path.join(workdir, 'stage1'), data)
+    params = trained_params(stage1, run_dir, data)
     saved = {'importance': kind, **{k: v.tolist() for k, v in scores_for(stage1, data, params, kind).items()}}
     if parallel.is_lead():
       checkpoints.write_json_atomic(path, saved)
@@ -154,51 +137,6 @@ def stage1_scores(stage1: ml_collections.ConfigDict, data: run_lib.Data, workdir
     raise ConfigError(f'{path} holds {saved.get("importance")!r} scores, not config.pruning.importance={kind!r}: '
                       'use the same importance to resume, or pass a new --workdir')
   return {k: np.asarray(saved[k]) for k in ('token', 'segment')}
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """The whole protocol, each run resumable in its own sub-workdir; writes pruning_report.json."""
-  p = config.pruning
-  tune, final_splits = tuple(p.tune_splits), (config.data.train_split, config.data.eval_split)
-  stage1 = run_config(config, splits=tune)
-  before = run_lib.train_and_evaluate(stage1, os.path.join(workdir, 'stage1'))
-  data = run_lib.load_data(stage1)
-  scores = stage1_scores(stage1, data, workdir)
-  init = os.path.join(workdir, 'stage1', 'adapter_init.npz') if p.rewind == 'init' else ''
-  rewinds = []
-  for n in p.token_counts or token_candidates(config.model.num_prompts):
-    for m in p.segment_counts or segment_candidates():
-      pruned = select(scores, n, m)
-      fresh = fresh_seed(config.seed, n, m) if p.rewind == 'fresh' else None
-      r = run_lib.train_and_evaluate(run_config(config, splits=tune, pruned=pruned, init_adapter=init, init_seed=fresh),
-                                   os.path.join(workdir, 'rewind', f'N{n}_M{m}'))
-      rewinds.append({'tokens_pruned': n, 'segments_pruned': m, **pruned, 'accuracy': r['eval_accuracy']})
-  best = max(rewinds, key=lambda r: (r['accuracy'], r['tokens_pruned'], r['segments_pruned']))
-  finals = {seed: run_lib.train_and_evaluate(run_config(config, splits=final_splits, seed=seed, pruned=best,
-                                                      init_adapter=init),
-                                           os.path.join(workdir, 'final', f'seed{seed}'))['eval_accuracy']
-            for seed in p.seeds}
-  model = run_lib.build_model(stage1, data.num_classes)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, data.image_size, data.image_size, 3)))
-  frozen = optim.param_report(shapes['params'], optim.predicate(config.transfer, train_masks=False))
-  best_masks = masks.binary_masks(config.model.num_prompts, best['tokens'], best['segments'])
-  report = {'importance': p.importance, 'rewind': p.rewind, 'mode': p.mode,
-            'scores': {k: v.tolist() for k, v in scores.items()},
-            'tune_accuracy_before': before['eval_accuracy'], 'rewinds': rewinds, 'chosen': best,
-            'final_accuracy': finals, 'final_mean': float(np.mean(list(finals.values()))),
-            'final_std': float(np.std(list(finals.values()))),
-            'tuned_before': {k: before[k] for k in ('tuned', 'total', 'tuned_percent')},
-            'tuned_after': masks.pruned_report(frozen, best_masks, shapes['params']['prompts']['visual'].shape)}
-  if parallel.is_lead():
-    checkpoints.write_json_atomic(os.path.join(workdir, 'pruning_report.json'), report)
-    print(f"pruning ({p.importance} scores, rewind {p.rewind}, {p.mode} mode): chose N={best['tokens_pruned']} "
-          f"tokens {best['tokens']}, M={best['segments_pruned']} segments per token (tune accuracy "
-          f"{100 * best['accuracy']:.2f} %); final accuracy {100 * report['final_mean']:.2f} ± "
-          f"{100 * report['final_std']:.2f} % over seeds {list(p.seeds)}; tuned "
-          f"{report['tuned_before']['tuned_percent']:.4f} % -> {report['tuned_after']['tuned_percent']:.4f} %",
-          flush=True)
-  parallel.barrier(f'pruning report {workdir}')
-  return report
 
 
 def compare_scores(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:

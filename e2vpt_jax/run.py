@@ -9,6 +9,7 @@ are per-run arrays. Each run keeps its own workdir; the group's orbax checkpoint
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -91,13 +92,12 @@ class RunSpec:
 
   def shape(self) -> str:
     """What runs of one group share: everything but lr, weight decay, seeds and mask values. Drop mode
-    keeps a number of tokens (a shape); a scratch backbone is drawn from the init seed (shared values)."""
+    keeps a number of tokens (a shape)."""
     pruned = bool(self.prune_tokens or self.prune_segments)
     drop = len(self.prune_tokens) if self.prune_mode == 'drop' else 0
     same = dataclasses.replace(self, lr=0.0, weight_decay=0.0, seed=0, init_adapter='', prune_tokens=(drop,),
                                prune_segments=(), use_masks=self.use_masks or pruned,
-                               train_masks=self.train_masks and not pruned,
-                               init_seed=self.init_seed if self.pretrained == 'scratch' else 0)
+                               train_masks=self.train_masks and not pruned, init_seed=0)
     return same.canonical()
 
 
@@ -123,25 +123,38 @@ class Data:
   augment: data_input.Augment | None = None
 
 
+def _source(name: str) -> Any:
+  """The data module of a source (imported on use: vtab imports TensorFlow)."""
+  if name not in ('vtab', 'fgvc', 'demo'):
+    raise ConfigError(f"config.data.source={name!r} is unknown; use 'vtab', 'fgvc' or 'demo'")
+  return importlib.import_module(f'e2vpt_jax.data.{name}')
+
+
+def task_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(classes, image size) of `config.data.task`, from its source's table: no data is read."""
+  d = config.data
+  source = _source(d.source)
+  if d.source == 'vtab':
+    return source.get_task(d.task).num_classes, source.IMAGE_SIZE
+  if d.source == 'fgvc':
+    return source.get_dataset(d.task).num_classes, source.CROP
+  return source.TASKS[d.task].num_classes, source.IMAGE_SIZE
+
+
 def load_data(config: ml_collections.ConfigDict) -> Data:
   """The training and evaluation sets that `config.data` names (source vtab, fgvc or demo)."""
   d = config.data
-  data_dir = os.path.expanduser(d.data_dir)
+  data_dir, source = os.path.expanduser(d.data_dir), _source(d.source)
+  shape = task_shape(config)
   if d.source == 'vtab':
-    from e2vpt_jax.data import vtab
-    return Data(vtab.load_in_memory(d.task, d.train_split, data_dir), vtab.get_task(d.task).num_classes,
-                vtab.IMAGE_SIZE, lambda: vtab.eval_examples(d.task, d.eval_split, data_dir)[1])
+    return Data(source.load_in_memory(d.task, d.train_split, data_dir), *shape,
+                lambda: source.eval_examples(d.task, d.eval_split, data_dir)[1])
   if d.source == 'fgvc':
-    from e2vpt_jax.data import fgvc
-    return Data(fgvc.load_train(d.task, data_dir), fgvc.get_dataset(d.task).num_classes, fgvc.CROP,
-                lambda: fgvc.eval_examples(d.task, d.eval_split, data_dir)[1], fgvc.random_crop_flip)
-  if d.source == 'demo':
-    from e2vpt_jax.data import demo
-    train_set, test = demo.load(d.task, d.train_split), demo.load(d.task, d.eval_split)
-    part = np.array_split(np.arange(len(test.labels)), jax.process_count())[jax.process_index()]  # as the others
-    return Data(train_set, demo.TASKS[d.task].num_classes, demo.IMAGE_SIZE,
-                lambda: [(test.images[part], test.labels[part])])
-  raise ConfigError(f"config.data.source={d.source!r} is unknown; use 'vtab', 'fgvc' or 'demo'")
+    return Data(source.load_train(d.task, data_dir), *shape,
+                lambda: source.eval_examples(d.task, d.eval_split, data_dir)[1], source.random_crop_flip)
+  train_set, test = source.load(d.task, d.train_split), source.load(d.task, d.eval_split)
+  part = np.array_split(np.arange(len(test.labels)), jax.process_count())[jax.process_index()]  # as the others
+  return Data(train_set, *shape, lambda: [(test.images[part], test.labels[part])])
 
 
 def uses_masks(config: ml_collections.ConfigDict) -> tuple[bool, bool]:
@@ -183,11 +196,13 @@ def template(model: vit.ViT, image_size: int) -> dict[str, Any]:
 
 
 def init_backbone(config: ml_collections.ConfigDict, model: vit.ViT, image_size: int) -> dict[str, Any]:
-  """The backbone (numpy) from `config.pretrained`, or for 'scratch' drawn from the init key in one jitted init."""
+  """The backbone (numpy) from `config.pretrained`, or for 'scratch' one random draw in one jitted init: the
+  same for every run whatever its seeds (from seed 0's init key), so that runs of different seeds share it."""
   _, like = optim.partition(template(model, image_size), checkpoints.is_adapter)
   if config.pretrained != 'scratch':
     return checkpoints.load_backbone(config.pretrained, like)
-  backbone = jax.device_get(_draw(model, image_size, adapter=False)(run_keys(config)[0]))
+  scratch_key = jax.random.split(jax.random.key(0))[0]  # run_keys' init key of seed 0
+  backbone = jax.device_get(_draw(model, image_size, adapter=False)(scratch_key))
   return checkpoints.fit(backbone, like, 'the scratch backbone')
 
 
@@ -357,11 +372,14 @@ def group_size(s: Setup, pending: int, cap: int) -> int:
   devices (whole runs per device), rounded down to a multiple of the local devices where it exceeds them."""
   if cap or pending == 1:
     return min(cap or 1, pending)
+  budget, devices = MEMORY_SHARE * device_memory(), jax.local_device_count()
+  if step_memory(s, -(-pending // devices)) <= budget:  # all of them (one compile): the usual case
+    return pending
   one, two = step_memory(s, 1), step_memory(s, 2)
   per_run = max(two - one, 1)
-  per_device = max(1, int((MEMORY_SHARE * device_memory() - (one - per_run)) // per_run))
-  size = min(pending, per_device * jax.local_device_count())
-  return size - size % jax.local_device_count() if size > jax.local_device_count() else size
+  per_device = max(1, int((budget - (one - per_run)) // per_run))
+  size = min(pending, per_device * devices)
+  return size - size % devices if size > devices else size
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -394,11 +412,11 @@ def check_run(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   if workdir and config.mode == 'train':
     check_workdir(config, workdir)
-  if workdir and config.mode == 'sweep':
+  if workdir and config.mode in ('sweep', 'protocol'):
     from e2vpt_jax import protocol
-    for name, c in protocol.sweep_configs(config).items():
-      check_workdir(c, os.path.join(workdir, 'runs', name))
-  if config.mode in ('train', 'prune', 'sweep'):
+    for name, c in protocol.stage_configs(config).items():
+      check_workdir(c, os.path.join(workdir, name))
+  if config.mode in ('train', 'sweep', 'protocol'):
     if not config.pretrained:
       raise ConfigError("config.pretrained is not set: pass --config.pretrained=PATH/ViT-B_16.npz (Google's "
                         'ImageNet-21k ViT-B/16) or --config.pretrained=scratch for a random backbone')
@@ -430,10 +448,13 @@ def group_name(configs: Sequence[ml_collections.ConfigDict]) -> str:
 
 def run_many(configs: Mapping[str, ml_collections.ConfigDict], root: str, runs_per_step: int = 0,
              data: Data | None = None) -> dict[str, dict[str, Any]]:
-  """Trains every run not yet ended, in groups of one shape (`root/runs/<name>`, group state under
-  `root/groups`); a group a killed command left unfinished resumes with its members. Results by name."""
+  """Trains every run not yet ended, in groups of one shape, each run in `root/<its name>` (a relative path)
+  and the groups' state under `root/groups`; a group a killed command left unfinished resumes with its
+  members. Every run's workdir is checked first. Results by name."""
   lead = parallel.is_lead()
-  results = parallel.broadcast({name: done(os.path.join(root, 'runs', name)) for name in configs} if lead else None)
+  for name, c in configs.items():
+    check_workdir(c, os.path.join(root, name))
+  results = parallel.broadcast({name: done(os.path.join(root, name)) for name in configs} if lead else None)
   pending = [name for name in configs if results[name] is None]
   groups = []
   for members in parallel.broadcast(_unfinished_groups(root, configs, pending) if lead else None):
@@ -454,7 +475,7 @@ def run_many(configs: Mapping[str, ml_collections.ConfigDict], root: str, runs_p
       if lead:
         checkpoints.write_json_atomic(os.path.join(folder, 'group.json'), {'runs': members})
       label = f'runs {done_runs + 1}-{done_runs + len(members)} of {len(configs)}'
-      out = fit(s, group, [os.path.join(root, 'runs', n) for n in members], folder, label=label)
+      out = fit(s, group, [os.path.join(root, n) for n in members], folder, label=label)
       results.update(zip(members, out))
       done_runs += len(members)
   return results

@@ -15,6 +15,7 @@ from tests.test_run import load_config, main, snapshot
 NAN, INF = float('nan'), float('inf')
 INTEGER = 'use an integer >= '
 # (overrides on configs/demo.py:stage=e2vpt with pretrained=scratch, what the one line must say)
+PRUNE = {'mode': 'protocol', 'protocol.prune': True}
 BAD = [
     ({'batch_size': 0}, 'config.batch_size=0 is invalid: ' + INTEGER + '1'),
     ({'batch_size': -8}, 'config.batch_size=-8 is invalid'),
@@ -45,7 +46,7 @@ BAD = [
     ({'model.remat': 'some'}, "config.model.remat='some' is invalid"),
     ({'transfer': 'lora'}, "config.transfer='lora' is invalid: use one of ['e2vpt', 'full', 'linear', 'vpt']"),
     ({'optimizer': 'adam'}, "config.optimizer='adam' is invalid: use one of ['adamw', 'sgd']"),
-    ({'mode': 'search'}, "config.mode='search' is invalid: use one of ['bench', 'demo', 'prune', 'sweep', 'train']"),
+    ({'mode': 'search'}, "config.mode='search' is invalid: use one of ['bench', 'demo', 'protocol', 'sweep', 'train']"),
     ({'mode': 'sweep', 'sweep.lrs': ()}, 'config.sweep.lrs=() is invalid: use one or more distinct finite numbers > 0'),
     ({'mode': 'sweep', 'sweep.lrs': (1.0, 0.0)}, 'config.sweep.lrs=(1.0, 0.0) is invalid'),
     ({'mode': 'sweep', 'sweep.lrs': (1.0, 1.0)}, 'config.sweep.lrs=(1.0, 1.0) is invalid'),
@@ -66,12 +67,12 @@ BAD = [
     ({'pruning.importance': 'grad'}, "config.pruning.importance='grad' is invalid"),
     ({'pruning.rewind': 'none'}, "config.pruning.rewind='none' is invalid: use one of ['fresh', 'init']"),
     ({'pruning.mode': 'cut'}, "config.pruning.mode='cut' is invalid"),
-    ({'mode': 'prune', 'transfer': 'linear'}, "config.transfer='linear' is invalid: pruning needs prompts"),
-    ({'mode': 'prune', 'pruning.token_counts': (10,)}, 'config.pruning.token_counts=(10,) is invalid'),
-    ({'mode': 'prune', 'pruning.token_counts': (0,)}, 'config.pruning.token_counts=(0,) is invalid'),
-    ({'mode': 'prune', 'pruning.segment_counts': (13,)}, 'config.pruning.segment_counts=(13,) is invalid'),
-    ({'mode': 'prune', 'pruning.seeds': ()}, 'config.pruning.seeds=() is invalid'),
-    ({'mode': 'prune', 'pruning.tune_splits': ('train', 'val')}, 'config.pruning.tune_splits='),
+    ({**PRUNE, 'transfer': 'linear'}, "config.transfer='linear' is invalid: pruning needs prompts"),
+    ({**PRUNE, 'pruning.token_counts': (10,)}, 'config.pruning.token_counts=(10,) is invalid'),
+    ({**PRUNE, 'pruning.token_counts': (0,)}, 'config.pruning.token_counts=(0,) is invalid'),
+    ({**PRUNE, 'pruning.segment_counts': (13,)}, 'config.pruning.segment_counts=(13,) is invalid'),
+    ({'mode': 'protocol', 'protocol.seeds': ()}, 'config.protocol.seeds=() is invalid'),
+    ({'mode': 'protocol', 'protocol.tune_splits': ('train', 'val')}, 'config.protocol.tune_splits='),
     ({'pretrained': ''}, 'config.pretrained is not set'),
     ({'pretrained': 'missing/ViT-B_16.npz'}, "checkpoint file 'missing/ViT-B_16.npz' does not exist"),
     ({'batch_size': 12}, 'config.batch_size=12 is not divisible by the 8 devices'),
@@ -97,7 +98,8 @@ def test_every_bad_value_is_one_line_before_anything_runs(overrides, message):
 def test_the_demo_and_a_stage_config_pass():
   run.check_run(demo_stage())
   run.check_run(load_config('configs/demo.py', None))
-  run.check_run(demo_stage(mode='prune', **{'pruning.token_counts': (1, 9), 'pruning.segment_counts': (12,)}))
+  run.check_run(demo_stage(mode='protocol', **{'protocol.prune': True, 'pruning.token_counts': (1, 9),
+                                               'pruning.segment_counts': (12,)}))
 
 
 def test_the_main_command_runs_every_mode():
@@ -105,8 +107,8 @@ def test_the_main_command_runs_every_mode():
 
 
 # Through the command: one `error:` line, exit status 1, no traceback, and a new workdir never created.
-COMMAND = [['--config.batch_size=0'], ['--config.lr=nan'], ['--config.mode=prune', '--config.transfer=linear'],
-           ['--epochs=5']]
+COMMAND = [['--config.batch_size=0'], ['--config.lr=nan'],
+           ['--config.mode=protocol', '--config.protocol.prune=True', '--config.transfer=linear'], ['--epochs=5']]
 # The same without the TINY arguments.
 ALONE = [['--config=configs/demo.py', '--config.epochs=5'], ['--config=configs/demo.py', '--config.lr=2.0'],
          ['--config=configs/nope.py'], ['--config=configs/vtab.py:task=cifar1000']]

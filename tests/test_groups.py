@@ -60,8 +60,8 @@ def assert_same_run(group_dir, solo_dir, rtol=RTOL) -> float:
 
 
 def test_three_runs_in_one_group_equal_the_runs_alone(backbone, solo, tmp_path, capsys):
-  configs = {name: tiny(backbone, **values) for name, values in RUNS.items()}
-  results = run.run_many(configs, str(tmp_path))
+  configs = {f'runs/{name}': tiny(backbone, **values) for name, values in RUNS.items()}
+  results = {k.removeprefix('runs/'): r for k, r in run.run_many(configs, str(tmp_path)).items()}
   assert 'tuned' in capsys.readouterr().out.split('3 runs')[0]  # one group of three
   assert [len(json.loads(p.read_text())['runs']) for p in (tmp_path / 'groups').glob('*/group.json')] == [3]
   gaps = {name: assert_same_run(tmp_path / 'runs' / name, solo / name) for name in RUNS}
@@ -75,9 +75,9 @@ def test_three_runs_in_one_group_equal_the_runs_alone(backbone, solo, tmp_path, 
 
 
 def test_a_diverged_run_stops_alone_and_the_others_equal_their_runs_alone(backbone, solo, tmp_path):
-  configs = {'a': tiny(backbone, **RUNS['a']), 'huge': tiny(backbone, **{**RUNS['a'], 'lr': 1e30}),
-             'c': tiny(backbone, **RUNS['c'])}
-  results = run.run_many(configs, str(tmp_path))
+  configs = {'runs/a': tiny(backbone, **RUNS['a']), 'runs/huge': tiny(backbone, **{**RUNS['a'], 'lr': 1e30}),
+             'runs/c': tiny(backbone, **RUNS['c'])}
+  results = {k.removeprefix('runs/'): r for k, r in run.run_many(configs, str(tmp_path)).items()}
   failed = json.loads((tmp_path / 'runs' / 'huge' / 'result.json').read_text())
   assert results['huge'] == failed
   assert failed['status'] == 'diverged' and failed['lr'] == 1e30 and failed['weight_decay'] == 1e-4
@@ -98,8 +98,17 @@ def test_the_spec_is_what_the_result_depends_on():
   other = run.RunSpec.from_config(tiny('scratch', lr=2.0))
   assert other != spec and other.shape() == spec.shape()  # one group
   assert run.RunSpec.from_config(tiny('scratch', batch_size=20)).shape() != spec.shape()
-  assert run.RunSpec.from_config(tiny('scratch', init_seed=3)).shape() != spec.shape()  # a scratch backbone differs
+  assert run.RunSpec.from_config(tiny('scratch', init_seed=3, seed=5)).shape() == spec.shape()  # one scratch backbone
   assert spec.to_json()['data.task'] == 'digits' and json.loads(spec.canonical()) == spec.to_json()
+
+
+def test_a_scratch_backbone_is_one_draw_whatever_the_seeds():
+  first, other = tiny('scratch'), tiny('scratch', seed=5, init_seed=3)
+  model = run.build_model(first, 10)
+  same = [run.init_backbone(c, model, 32) for c in (first, other)]
+  assert checkpoints.flatten(same[0]).keys() == checkpoints.flatten(same[1]).keys()
+  for name, value in checkpoints.flatten(same[0]).items():
+    np.testing.assert_array_equal(checkpoints.flatten(same[1])[name], value, err_msg=name)
 
 
 def test_group_size_follows_the_memory_analysis(backbone, monkeypatch):

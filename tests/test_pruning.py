@@ -1,21 +1,14 @@
 """Pruning: importance against the original and finite differences, the schedule, drop mode, the protocol."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2vpt_jax import checkpoints, masks, optim, pruning, run, train
+from e2vpt_jax import masks, optim, pruning, run, train
 from e2vpt_jax.models import vit
 from tests.conftest import assert_close
-from tests.test_run import ROOT
 
 
 def test_signed_importance_is_the_originals_mask_gradient(golden, golden_model, golden_params):
@@ -125,44 +118,3 @@ def test_tuned_share_after_pruning_is_reported_as_the_original():
   report = masks.pruned_report(frozen_masks, mask, shapes['prompts']['visual'].shape)
   assert (report['tuned'], report['total']) == (143_716, 85_967_801)
   assert round(report['tuned_percent'], 3) == 0.167
-
-
-PIPELINE = ['--config=configs/demo.py:stage=e2vpt', '--config.mode=prune', '--config.pretrained=scratch',
-            '--config.epochs=1', '--config.warmup_epochs=0', '--config.lr=0.5', '--config.model.num_prompts=4',
-            '--config.pruning.token_counts=(1,2)', '--config.pruning.segment_counts=(4,)',
-            '--config.pruning.seeds=(42,44)', '--config.pruning.rewind=init', '--config.data.eval_split=val200']
-
-
-def pipeline(workdir, wait=True):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
-  process = subprocess.Popen([sys.executable, '-m', 'e2vpt_jax.main', f'--workdir={workdir}', *PIPELINE],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  if wait:
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
-  return process
-
-
-@pytest.mark.slow
-def test_the_pruning_protocol_runs_from_main_and_resumes_after_a_kill(tmp_path):
-  pipeline(tmp_path / 'whole')
-  process = pipeline(tmp_path / 'killed', wait=False)
-  marker = tmp_path / 'killed' / 'rewind' / 'N2_M4' / 'checkpoints'
-  deadline = time.time() + 240
-  while not marker.exists() and process.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert not (tmp_path / 'killed' / 'pruning_report.json').exists()
-  pipeline(tmp_path / 'killed')
-  whole, resumed = (json.loads((tmp_path / d / 'pruning_report.json').read_text()) for d in ('whole', 'killed'))
-  assert whole == resumed
-  assert [(r['tokens_pruned'], r['segments_pruned']) for r in whole['rewinds']] == [(1, 4), (2, 4)]
-  chosen = whole['chosen']
-  assert len(chosen['tokens']) == chosen['tokens_pruned'] and all(len(s) == 4 for s in chosen['segments'])
-  assert set(whole['final_accuracy']) == {'42', '44'}
-  assert whole['tuned_after']['tuned'] < whole['tuned_before']['tuned']
-  # Rewinding to the stage-1 start: every run began from stage 1's initial prompts.
-  start = checkpoints.load_adapter(str(tmp_path / 'whole' / 'stage1' / 'adapter_init.npz'))
-  rewound = checkpoints.load_adapter(str(tmp_path / 'whole' / 'final' / 'seed44' / 'adapter_init.npz'))
-  np.testing.assert_array_equal(rewound['prompts']['kv'], start['prompts']['kv'])

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from e2vpt_jax import checkpoints, pruning, run
+from e2vpt_jax import checkpoints, protocol, pruning, run
 from tests.test_run import adapter, load_config, main, metrics, snapshot
 
 
@@ -194,16 +194,17 @@ def test_a_disk_that_fills_mid_run_fails_in_one_line_and_keeps_the_checkpoints(r
   assert_same_run(workdir, reference_run)
 
 
-def test_a_pruning_search_with_other_seeds_resumes_its_stage_one(tmp_path):
+def test_a_protocol_with_other_seeds_and_one_more_lr_resumes_its_grid(tmp_path):
   c = load_config('configs/demo.py', 'stage=e2vpt')
-  c.pretrained, c.mode = 'scratch', 'prune'
-  stage1 = pruning.run_config(c, splits=('train800', 'val200'))
-  checkpoints.write_json_atomic(str(tmp_path / 'spec.json'), run.RunSpec.from_config(stage1).to_json())
-  c.pruning.seeds, c.pruning.token_counts = (1, 2, 3), (2,)
-  run.check_workdir(pruning.run_config(c, splits=('train800', 'val200')), str(tmp_path))  # no error
-  c.lr = 2.0
-  with pytest.raises(ValueError, match=r'holds a run with another config \(lr: 5.0 -> 2.0\)'):
-    run.check_workdir(pruning.run_config(c, splits=('train800', 'val200')), str(tmp_path))
+  c.pretrained, c.mode, c.protocol.prune = 'scratch', 'protocol', True
+  c.sweep.lrs, c.sweep.weight_decays = (5.0,), (0.0,)
+  [(name, stage1)] = protocol.stage_configs(c).items()
+  checkpoints.write_json_atomic(str(tmp_path / name / 'spec.json'), run.RunSpec.from_config(stage1).to_json())
+  c.protocol.seeds, c.pruning.token_counts, c.sweep.lrs = (1, 2, 3), (2,), (5.0, 1.0)
+  run.check_run(c, str(tmp_path))  # no error: other final seeds and candidates, one more lr
+  c.model.prompt_dropout = 0.0
+  with pytest.raises(ValueError, match=r'holds a run with another config \(model.prompt_dropout: 0.1 -> 0.0\)'):
+    run.check_run(c, str(tmp_path))
 
 
 def tiny_config(**overrides):
@@ -219,14 +220,15 @@ def initial_prompts(c):
 
 
 def test_fresh_rewinds_draw_new_initial_values_and_init_rewinds_do_not():
-  c = tiny_config(mode='prune')
-  stage1 = initial_prompts(pruning.run_config(c, splits=('train800', 'val200')))
+  c = tiny_config(mode='protocol')
+  tune = ('train800', 'val200')
+  stage1 = initial_prompts(protocol.run_config(c, splits=tune, seed=c.seed, use_masks=True))
   pruned = {'tokens': [1], 'segments': []}
-  fresh = [initial_prompts(pruning.run_config(c, splits=('train800', 'val200'), pruned=pruned,
-                                              init_seed=pruning.fresh_seed(c.seed, n, 4))) for n in (1, 2)]
+  fresh = [initial_prompts(protocol.run_config(c, splits=tune, seed=c.seed, pruned=pruned,
+                                               init_seed=pruning.fresh_seed(c.seed, n, 4))) for n in (1, 2)]
   assert not np.array_equal(fresh[0], stage1) and not np.array_equal(fresh[0], fresh[1])
-  again = initial_prompts(pruning.run_config(c, splits=('train800', 'val200'), pruned=pruned,
-                                             init_seed=pruning.fresh_seed(c.seed, 1, 4)))
+  again = initial_prompts(protocol.run_config(c, splits=tune, seed=c.seed, pruned=pruned,
+                                              init_seed=pruning.fresh_seed(c.seed, 1, 4)))
   np.testing.assert_array_equal(again, fresh[0])  # a resumed rewind draws the same values
 
 
