@@ -115,32 +115,37 @@ SPEC_KEYS = {'source': 'data.source', 'task': 'data.task', 'train_split': 'data.
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """A run's data: the in-memory training set and a re-startable evaluation stream."""
+  """A run's data: the in-memory training set and a re-startable evaluation stream of `eval_size` examples."""
   train: data_input.InMemory
   num_classes: int
   image_size: int
   eval_examples: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+  eval_size: int
   augment: data_input.Augment | None = None
 
 
 def load_data(config: ml_collections.ConfigDict) -> Data:
-  """The training and evaluation sets that `config.data` names (source vtab, fgvc or demo)."""
+  """The training and evaluation sets that `config.data` names (source vtab, fgvc or demo); both are opened,
+  and so checked, here, before anything trains."""
   d = config.data
   data_dir = os.path.expanduser(d.data_dir)
   if d.source == 'vtab':
     from e2vpt_jax.data import vtab
-    return Data(vtab.load_in_memory(d.task, d.train_split, data_dir), vtab.get_task(d.task).num_classes,
-                vtab.IMAGE_SIZE, lambda: vtab.eval_examples(d.task, d.eval_split, data_dir)[1])
+    train_set = vtab.load_in_memory(d.task, d.train_split, data_dir)
+    size, stream = vtab.eval_examples(d.task, d.eval_split, data_dir)
+    return Data(train_set, vtab.get_task(d.task).num_classes, vtab.IMAGE_SIZE, lambda: stream, size)
   if d.source == 'fgvc':
     from e2vpt_jax.data import fgvc
-    return Data(fgvc.load_train(d.task, data_dir), fgvc.get_dataset(d.task).num_classes, fgvc.CROP,
-                lambda: fgvc.eval_examples(d.task, d.eval_split, data_dir)[1], fgvc.random_crop_flip)
+    train_set = fgvc.load_train(d.task, data_dir)
+    size, stream = fgvc.eval_examples(d.task, d.eval_split, data_dir)
+    return Data(train_set, fgvc.get_dataset(d.task).num_classes, fgvc.CROP, lambda: stream, size,
+                fgvc.random_crop_flip)
   if d.source == 'demo':
     from e2vpt_jax.data import demo
     train_set, test = demo.load(d.task, d.train_split), demo.load(d.task, d.eval_split)
     part = np.array_split(np.arange(len(test.labels)), jax.process_count())[jax.process_index()]  # as the others
     return Data(train_set, demo.TASKS[d.task].num_classes, demo.IMAGE_SIZE,
-                lambda: [(test.images[part], test.labels[part])])
+                lambda: [(test.images[part], test.labels[part])], len(test.labels))
   raise ConfigError(f"config.data.source={d.source!r} is unknown; use 'vtab', 'fgvc' or 'demo'")
 
 
@@ -482,10 +487,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from workdir (its checkpoints in workdir/checkpoints). A run whose loss or parameters stop being
   finite ends with `"status": "diverged"` in result.json and a DivergedError."""
   check_run(config, workdir)
+  s = setup(config)  # loads and checks the data first: a data error leaves the workdir as it was
   os.makedirs(workdir, exist_ok=True)
   if parallel.is_lead():
     checkpoints.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
-  [result] = fit(setup(config), [config], [workdir], workdir)
+  [result] = fit(s, [config], [workdir], workdir)
   if result['status'] == 'diverged':
     step, lr = result['diverged_at_step'], result['scheduled_lr']
     kept = result['kept_checkpoint']
@@ -542,7 +548,8 @@ def fit(s: Setup, configs: Sequence[ml_collections.ConfigDict], workdirs: Sequen
   train_fn, eval_fn = _steps(s.model, s.tx, mesh)
   results = [{'transfer': c.transfer, 'task': c.data.task, 'eval_split': c.data.eval_split, 'epochs': c.epochs,
               'lr': c.lr, 'weight_decay': c.weight_decay, 'seed': c.seed, 'init_seed': RunSpec.from_config(c).init_seed,
-              'devices': mesh.size, 'runs_in_group': r, **report} for c in configs]
+              'devices': mesh.size, 'runs_in_group': r, 'train_examples': len(s.data.train.labels),
+              'eval_examples': s.data.eval_size, **report} for c in configs]
   records, start_time = [{} for _ in configs], time.time()
   bar = tqdm(total=total_steps * batch_size * r, initial=step * batch_size * r, unit='img', unit_scale=True,
              desc=what, disable=not lead, smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 30)
