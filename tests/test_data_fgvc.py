@@ -139,7 +139,7 @@ def test_a_class_that_train_lacks_is_an_error(cub):
 
 def test_train_must_hold_every_class_of_the_data_set(cub, monkeypatch):
   monkeypatch.setitem(fgvc.DATASETS, 'CUB', dataclasses.replace(fgvc.DATASETS['CUB'], num_classes=200))
-  with pytest.raises(data_input.DataError, match=f"train.json holds 3 classes where FGVC data set 'CUB' has 200: "
+  with pytest.raises(data_input.DataError, match="train.json holds 3 classes where FGVC data set 'CUB' has 200: "
                                                  'use VPT'):
     fgvc.load_train('CUB', cub)
 
