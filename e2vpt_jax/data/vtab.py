@@ -229,8 +229,9 @@ def _measure(task: str, b: tfds.core.DatasetBuilder, data_dir: str, parts: Itera
   try:
     entries = {part: _part(task, b, splits[part]) for part in parts}
   except tf.errors.OpError as e:
-    raise DataError(f'VTAB task {task!r}: reading {b.data_dir} failed ({type(e).__name__}: '
-                    f'{e.message.splitlines()[0]}): the files are damaged; delete that folder and run '
+    reason = e.message.split('}}')[-1].split(' [Op:')[0].strip()  # without TF's op and function names
+    raise DataError(f'VTAB task {task!r}: reading {b.data_dir} failed ({type(e).__name__}: {reason}): the files '
+                    'are damaged; delete that folder and run '
                     f'{prepare_command(task, data_dir)}') from None
   return {'task': task, 'builder': get_task(task).builder.split(':')[0], 'version': str(b.version), 'measured': True,
           'split_sizes': sizes, 'parts': entries}
