@@ -249,7 +249,7 @@ def synthetic(s: Setup, images: int, test_images: int = 0) -> run.Data:
   draw = lambda n: rng.integers(0, 256, (n, s.image_size, s.image_size, 3), dtype=np.uint8)
   test = [(draw(test_images), np.zeros(test_images, np.int32))] if test_images else []
   return run.Data(data_input.InMemory(draw(images), rng.integers(0, 100, images, dtype=np.int32)), 100,
-                  s.image_size, lambda: test)
+                  s.image_size, lambda: test, test_images)
 
 
 def measure_runs(setup: run.Setup, runs: int, steps: int, peak_per_device: float = 0) -> dict[str, Any]:

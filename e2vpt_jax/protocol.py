@@ -141,7 +141,7 @@ def _prune(config: ml_collections.ConfigDict, chosen: Mapping[str, Any], stage1:
 
 
 def _final(config: ml_collections.ConfigDict, chosen: Mapping[str, Any], pruned: Mapping[str, Any] | None,
-           init_adapter: str, workdir: str) -> dict[str, Any]:
+           init_adapter: str, workdir: str, data: run.Data) -> dict[str, Any]:
   """The final seeds on the config's splits with the chosen lr and weight decay (and pruned masks), each in
   WORKDIR/final/seed<s>: their last-epoch accuracies, mean and standard deviation (over seeds, ddof 0)."""
   splits = (config.data.train_split, config.data.eval_split)
@@ -149,7 +149,7 @@ def _final(config: ml_collections.ConfigDict, chosen: Mapping[str, Any], pruned:
                                           weight_decay=chosen['weight_decay'], pruned=pruned,
                                           init_adapter=init_adapter)
              for s in config.protocol.seeds}
-  results = run.run_many(configs, workdir, config.runs_per_step)
+  results = run.run_many(configs, workdir, config.runs_per_step, data)
   rows = [{'run': name, 'seed': r['seed'], 'status': r['status'], 'accuracy': r.get('eval_accuracy')}
           for name, r in results.items()]
   accuracies = [r['accuracy'] for r in rows if r['status'] == 'finished']
@@ -163,6 +163,7 @@ def protocol(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   importance, rewinds → pick (N, M)] → final seeds; writes WORKDIR/protocol.json, the choice at every stage
   and the table of candidates it was made from. A restart trains only the runs not yet ended."""
   p = config.protocol
+  final_data = run.load_data(config)  # the final splits opened (and checked) before the grid trains
   grid = sweep(config, os.path.join(workdir, 'grid'),
                {k.removeprefix('grid/'): c for k, c in stage_configs(config).items()})
   if grid['best'] is None:
@@ -173,7 +174,7 @@ def protocol(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         weight_decay=grid['best']['weight_decay'], use_masks=True)
     pruned = _prune(config, grid['best'], stage1, workdir)
     init = pruned['init_adapter'] and os.path.join(workdir, pruned['init_adapter'])
-  final = _final(config, grid['best'], pruned and pruned['chosen'], init, workdir)
+  final = _final(config, grid['best'], pruned and pruned['chosen'], init, workdir, final_data)
   num_classes, image_size = run.task_shape(config)
   summary = {'task': config.data.task, 'source': config.data.source, 'transfer': config.transfer,
              'pretrained': config.pretrained, 'variant': config.model.variant,

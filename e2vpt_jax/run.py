@@ -115,11 +115,12 @@ SPEC_KEYS = {'source': 'data.source', 'task': 'data.task', 'train_split': 'data.
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """A run's data: the in-memory training set and a re-startable evaluation stream."""
+  """A run's data: the in-memory training set and a re-startable evaluation stream of `eval_size` examples."""
   train: data_input.InMemory
   num_classes: int
   image_size: int
   eval_examples: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+  eval_size: int
   augment: data_input.Augment | None = None
 
 
@@ -142,19 +143,22 @@ def task_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def load_data(config: ml_collections.ConfigDict) -> Data:
-  """The training and evaluation sets that `config.data` names (source vtab, fgvc or demo)."""
+  """The training and evaluation sets that `config.data` names (source vtab, fgvc or demo); both are opened,
+  and so checked, here, before anything trains."""
   d = config.data
   data_dir, source = os.path.expanduser(d.data_dir), _source(d.source)
   shape = task_shape(config)
   if d.source == 'vtab':
-    return Data(source.load_in_memory(d.task, d.train_split, data_dir), *shape,
-                lambda: source.eval_examples(d.task, d.eval_split, data_dir)[1])
+    train_set = source.load_in_memory(d.task, d.train_split, data_dir)
+    size, stream = source.eval_examples(d.task, d.eval_split, data_dir)
+    return Data(train_set, *shape, lambda: stream, size)
   if d.source == 'fgvc':
-    return Data(source.load_train(d.task, data_dir), *shape,
-                lambda: source.eval_examples(d.task, d.eval_split, data_dir)[1], source.random_crop_flip)
+    train_set = source.load_train(d.task, data_dir)
+    size, stream = source.eval_examples(d.task, d.eval_split, data_dir)
+    return Data(train_set, *shape, lambda: stream, size, source.random_crop_flip)
   train_set, test = source.load(d.task, d.train_split), source.load(d.task, d.eval_split)
   part = np.array_split(np.arange(len(test.labels)), jax.process_count())[jax.process_index()]  # as the others
-  return Data(train_set, *shape, lambda: [(test.images[part], test.labels[part])])
+  return Data(train_set, *shape, lambda: [(test.images[part], test.labels[part])], len(test.labels))
 
 
 def uses_masks(config: ml_collections.ConfigDict) -> tuple[bool, bool]:
@@ -503,10 +507,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from workdir (its checkpoints in workdir/checkpoints). A run whose loss or parameters stop being
   finite ends with `"status": "diverged"` in result.json and a DivergedError."""
   check_run(config, workdir)
+  s = setup(config)  # loads and checks the data first: a data error leaves the workdir as it was
   os.makedirs(workdir, exist_ok=True)
   if parallel.is_lead():
     checkpoints.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
-  [result] = fit(setup(config), [config], [workdir], workdir)
+  [result] = fit(s, [config], [workdir], workdir)
   if result['status'] == 'diverged':
     step, lr = result['diverged_at_step'], result['scheduled_lr']
     kept = result['kept_checkpoint']
@@ -563,7 +568,8 @@ def fit(s: Setup, configs: Sequence[ml_collections.ConfigDict], workdirs: Sequen
   train_fn, eval_fn = _steps(s.model, s.tx, mesh)
   results = [{'transfer': c.transfer, 'task': c.data.task, 'eval_split': c.data.eval_split, 'epochs': c.epochs,
               'lr': c.lr, 'weight_decay': c.weight_decay, 'seed': c.seed, 'init_seed': RunSpec.from_config(c).init_seed,
-              'devices': mesh.size, 'runs_in_group': r, **report} for c in configs]
+              'devices': mesh.size, 'runs_in_group': r, 'train_examples': len(s.data.train.labels),
+              'eval_examples': s.data.eval_size, **report} for c in configs]
   records, start_time = [{} for _ in configs], time.time()
   bar = tqdm(total=total_steps * batch_size * r, initial=step * batch_size * r, unit='img', unit_scale=True,
              desc=what, disable=not lead, smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 30)

@@ -1,5 +1,7 @@
-"""FGVC: json splits over generated JPEG folders, VPT's transforms, and the errors for missing files."""
+"""FGVC: json splits over generated JPEG folders, one class mapping for every split, VPT's transforms, the
+errors for missing files and classes, and the main command on an FGVC folder."""
 
+import dataclasses
 import json
 import os
 
@@ -11,38 +13,17 @@ from e2vpt_jax import parallel
 from e2vpt_jax.data import fgvc
 from e2vpt_jax.data import input as data_input
 from e2vpt_jax.errors import ConfigError
+from tests import tiny_data
+from tests.test_run import main as run_main
 
-# (width, height) of the generated images; class ids as VPT's json files may hold them (not contiguous).
-SIZES = [(300, 260), (260, 400), (256, 256), (517, 300), (280, 290), (400, 300)]
-CLASSES = (3, 17, 40)
-
-
-def write_cub(data_dir: str) -> None:
-  """A CUB-shaped folder: images/<class>/<n>.jpg, train.json with 12 images, val.json 4, test.json 6."""
-  rng = np.random.default_rng(0)
-  root = os.path.join(data_dir, 'CUB_200_2011')
-  splits = {'train': 12, 'val': 4, 'test': 6}
-  n = 0
-  for split, count in splits.items():
-    entries = {}
-    for _ in range(count):
-      cls = CLASSES[n % len(CLASSES)]
-      key = f'{cls:03d}.bird/{n:04d}.jpg'
-      os.makedirs(os.path.join(root, 'images', os.path.dirname(key)), exist_ok=True)
-      w, h = SIZES[n % len(SIZES)]
-      y, x = np.mgrid[:h, :w]
-      smooth = np.stack([y * 255 / h, x * 255 / w, np.full((h, w), n * 9.0)], -1)
-      pixels = np.clip(smooth + rng.normal(0, 4, (h, w, 3)), 0, 255).astype(np.uint8)
-      Image.fromarray(pixels).save(os.path.join(root, 'images', key), quality=95)
-      entries[key] = cls
-      n += 1
-    with open(os.path.join(root, f'{split}.json'), 'w') as f:
-      json.dump(entries, f)
+CLASSES = (3, 17, 40)  # class ids as VPT's json files may hold them (not contiguous)
 
 
 @pytest.fixture
-def cub(tmp_path) -> str:
-  write_cub(str(tmp_path))
+def cub(tmp_path, monkeypatch) -> str:
+  """A CUB-shaped folder of 3 classes: images/<class>/<n>.jpg, train.json with 12 images, val.json 4, test.json 6."""
+  monkeypatch.setitem(fgvc.DATASETS, 'CUB', dataclasses.replace(fgvc.DATASETS['CUB'], num_classes=len(CLASSES)))
+  tiny_data.write_fgvc(str(tmp_path / 'CUB_200_2011'), 'images', {'train': 12, 'val': 4, 'test': 6}, CLASSES)
   return str(tmp_path)
 
 
@@ -130,3 +111,49 @@ def test_a_missing_split_file_names_the_prepare_command(tmp_path):
 def test_an_unknown_data_set_lists_the_valid_names():
   with pytest.raises(ConfigError, match='valid names: CUB, nabirds, OxfordFlowers, StanfordDogs, StanfordCars'):
     fgvc.get_dataset('cub')
+
+
+def rewrite(cub: str, split: str, change) -> None:
+  """Rewrites a split file of the CUB folder with `change` applied to its {image key: class id}."""
+  path = os.path.join(cub, 'CUB_200_2011', f'{split}.json')
+  with open(path) as f:
+    entries = json.load(f)
+  with open(path, 'w') as f:
+    json.dump(change(entries), f)
+
+
+def test_every_split_shares_the_class_ids_of_train(cub):
+  rewrite(cub, 'val', lambda entries: {k: c for k, c in entries.items() if c != 3})  # val without class 3
+  paths, labels = fgvc.split_files('CUB', 'val', cub)
+  assert [os.path.basename(p) for p in paths] == ['0013.jpg', '0014.jpg']
+  np.testing.assert_array_equal(labels, [1, 2])  # 17 and 40 keep train's ids 1 and 2 (their own sort: 0 and 1)
+
+
+def test_a_class_that_train_lacks_is_an_error(cub):
+  rewrite(cub, 'test', lambda entries: {**entries, next(iter(entries)): 99})
+  with pytest.raises(data_input.DataError) as error:
+    fgvc.load_in_memory('CUB', 'test', cub)
+  assert str(error.value) == (f"{cub}/CUB_200_2011/test.json holds 1 classes that train.json lacks, the first 99: "
+                              f"use VPT's split files ({fgvc.SPLITS_URL}), whose splits share their classes")
+
+
+def test_train_must_hold_every_class_of_the_data_set(cub, monkeypatch):
+  monkeypatch.setitem(fgvc.DATASETS, 'CUB', dataclasses.replace(fgvc.DATASETS['CUB'], num_classes=200))
+  with pytest.raises(data_input.DataError, match="train.json holds 3 classes where FGVC data set 'CUB' has 200: "
+                                                 'use VPT'):
+    fgvc.load_train('CUB', cub)
+
+
+@pytest.mark.slow
+def test_the_main_command_trains_on_an_fgvc_folder_and_evaluates_its_test_split(tmp_path):
+  root = tmp_path / 'data' / 'OxfordFlower'  # Oxford Flowers: 102 classes, images in the folder itself
+  tiny_data.write_fgvc(str(root), '', {'train': 102, 'val': 5, 'test': 10}, tuple(range(1, 103)))
+  code, _, err = run_main(tmp_path / 'run', '--config=configs/fgvc.py:task=OxfordFlowers,phase=final',
+                          f'--config.data.data_dir={tmp_path / "data"}', '--config.pretrained=scratch',
+                          '--config.model.variant=tiny/32', '--config.epochs=2', '--config.warmup_epochs=1',
+                          '--config.eval_every_epochs=1', '--config.lr=0.1', tiny=False)
+  assert code == 0, err
+  result = json.loads((tmp_path / 'run' / 'result.json').read_text())
+  assert (result['status'], result['train_examples'], result['eval_split'], result['eval_examples']) == (
+      'finished', 102, 'test', 10)
+  assert result['steps'] == 2  # one batch of 128 per epoch

@@ -22,11 +22,13 @@ TINY = ['--config=configs/demo.py:stage=e2vpt', '--config.pretrained=scratch', '
         '--config.warmup_epochs=1', '--config.batch_size=16', '--config.eval_every_epochs=2', '--config.lr=0.5']
 
 
-def main(workdir, *args, devices=1, wait=True, tiny=True, env=None):
-  """`python -m e2vpt_jax.main` on the TINY run (unless `tiny` is False) with more arguments."""
+def main(workdir, *args, devices=1, wait=True, tiny=True, env=None, prelude=''):
+  """`python -m e2vpt_jax.main` on the TINY run (unless `tiny` is False) with more arguments; with a `prelude`,
+  the same entry point after that Python code (which may add tasks to the tables)."""
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu',
          **(env or {})}
-  cmd = [sys.executable, '-m', 'e2vpt_jax.main', f'--workdir={workdir}', *(TINY if tiny else []), *args]
+  entry = ['-c', f'{prelude}; from e2vpt_jax import main; main.run()'] if prelude else ['-m', 'e2vpt_jax.main']
+  cmd = [sys.executable, *entry, f'--workdir={workdir}', *(TINY if tiny else []), *args]
   process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   if not wait:
     return process

@@ -2,8 +2,9 @@
 
 Layout (VPT's recommended one): `<data_dir>/<folder>/{train,val,test}.json`, each a dict
 {image path relative to the image dir: class id}, images under `<data_dir>/<folder>/<image_dir>`.
-Class ids become contiguous by sorting the ids of the split, and examples keep the json order, as
-VPT's `JSONDataset`. Transforms are torchvision's on PIL images: Resize(256) of the shorter side
+Class ids become contiguous by sorting the ids of train.json, one mapping for every split (VPT's
+`JSONDataset` sorts each split's own ids, the same wherever every split holds every class, as VPT's
+files do), and examples keep the json order. Transforms are torchvision's on PIL images: Resize(256) of the shorter side
 (bilinear), then RandomCrop(224) and a horizontal flip with probability 0.5 for training, or
 CenterCrop(224) for evaluation; /255 and the ImageNet mean/std follow on the device.
 
@@ -63,8 +64,8 @@ def get_dataset(name: str) -> Dataset:
   return DATASETS[name]
 
 
-def split_files(name: str, split: str, data_dir: str) -> tuple[list[str], np.ndarray]:
-  """Image paths of a split in json order and their contiguous int32 labels; checks every image exists."""
+def _read_split(name: str, split: str, data_dir: str) -> tuple[str, dict[str, int]]:
+  """(path, {image key: class id}) of a split's json file."""
   d = get_dataset(name)
   if split not in SPLITS:
     raise ConfigError(f'unknown split {split!r} of FGVC data set {name!r}; valid splits: {", ".join(SPLITS)}')
@@ -72,15 +73,37 @@ def split_files(name: str, split: str, data_dir: str) -> tuple[list[str], np.nda
   if not os.path.exists(json_path):
     raise NotPreparedError(f'FGVC data set {name!r} ({json_path} not found)', name, data_dir)
   with open(json_path) as f:
-    split_map = json.load(f)
+    return json_path, json.load(f)
+
+
+def class_ids(name: str, data_dir: str) -> dict[int, int]:
+  """{class id in the json files: contiguous id}, by sorting the class ids of train.json: one mapping that every
+  split shares, so that a split lacking a class cannot shift the others' ids. Their number is checked."""
+  json_path, split_map = _read_split(name, 'train', data_dir)
+  classes = sorted(set(split_map.values()))
+  if len(classes) != get_dataset(name).num_classes:
+    raise DataError(f'{json_path} holds {len(classes)} classes where FGVC data set {name!r} has '
+                    f'{get_dataset(name).num_classes}: use VPT\'s split files ({SPLITS_URL})')
+  return {c: i for i, c in enumerate(classes)}
+
+
+def split_files(name: str, split: str, data_dir: str) -> tuple[list[str], np.ndarray]:
+  """Image paths of a split in json order and their contiguous int32 labels; checks the classes against
+  train.json's and that every image exists."""
+  d = get_dataset(name)
+  json_path, split_map = _read_split(name, split, data_dir)
+  ids = class_ids(name, data_dir)
+  unknown = sorted(set(split_map.values()) - ids.keys())
+  if unknown:
+    raise DataError(f'{json_path} holds {len(unknown)} classes that train.json lacks, the first {unknown[0]!r}: use '
+                    f'VPT\'s split files ({SPLITS_URL}), whose splits share their classes')
   image_dir = os.path.join(data_dir, d.folder, d.image_dir)
   paths = [os.path.join(image_dir, key) for key in split_map]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
     raise MissingImagesError(f'{json_path} names {len(missing)} of {len(paths)} images that are missing, the first '
                              f'{missing[0]}: put the images of {d.url} under {image_dir}')
-  contiguous = {c: i for i, c in enumerate(sorted(set(split_map.values())))}
-  return paths, np.array([contiguous[c] for c in split_map.values()], np.int32)
+  return paths, np.array([ids[c] for c in split_map.values()], np.int32)
 
 
 def resize_shorter(image: Image.Image, size: int = RESIZE) -> Image.Image:

@@ -34,12 +34,16 @@ class DataError(UserError):
   """A data set that cannot be read as asked (not prepared, files missing); the message says what to do."""
 
 
+def prepare_command(name: str, data_dir: str) -> str:
+  """The command that prepares data set `name` in data_dir."""
+  return f'python -m e2vpt_jax.data.prepare --tasks={name} --data_dir={data_dir}'
+
+
 class NotPreparedError(DataError):
   """A data set absent from the data_dir searched; the one-line message names the command that prepares it."""
 
   def __init__(self, what: str, name: str, data_dir: str):
-    super().__init__(f'{what} is not prepared in data_dir {data_dir!r}: run '
-                     f'python -m e2vpt_jax.data.prepare --tasks={name} --data_dir={data_dir}')
+    super().__init__(f'{what} is not prepared in data_dir {data_dir!r}: run {prepare_command(name, data_dir)}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,7 @@ def remat_policy(name: str) -> Callable[..., bool] | None:
 
 PRESETS: dict[str, dict[str, int]] = {
     'tiny': dict(patch_size=8, width=64, depth=3, num_heads=4, mlp_dim=128),
+    'tiny/32': dict(patch_size=32, width=64, depth=3, num_heads=4, mlp_dim=128),  # 49 tokens at 224 px
     'Ti/16': dict(patch_size=16, width=192, depth=12, num_heads=3, mlp_dim=768),
     'S/16': dict(patch_size=16, width=384, depth=12, num_heads=6, mlp_dim=1536),
     'B/16': dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072),
