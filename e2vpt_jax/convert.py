@@ -14,6 +14,7 @@ files holding the same arrays under their torch names. A file that does not fit 
 of missing, unexpected and mis-shaped keys. Every size is read from the arrays.
 """
 
+import itertools
 import re
 import sys
 from collections.abc import Mapping
@@ -141,7 +142,8 @@ def original_adapter(kind: str, enc: Mapping[str, np.ndarray]) -> Arrays:
   if kind == 'swin':
     if 'prompt_embeddings' in enc:
       adapter['prompts/visual'] = enc['prompt_embeddings']
-    for s in range(sum(1 for k in enc if re.fullmatch(r'layers\.\d+\.blocks\.0\.norm1\.weight', k))):
+    stage = lambda s: f'deep_prompt_embeddings_{s}' in enc or f'layers.{s}.blocks.0.attn.deep_QKV_embeddings' in enc
+    for s in itertools.takewhile(stage, itertools.count()):
       if f'deep_prompt_embeddings_{s}' in enc:
         adapter[f'prompts/deep_{s}'] = enc[f'deep_prompt_embeddings_{s}']
       if f'layers.{s}.blocks.0.attn.deep_QKV_embeddings' in enc:
@@ -182,26 +184,38 @@ def save(path: str, arrays: Arrays) -> None:
   checkpoints.save_npz_atomic(path, {k: np.asarray(v, np.float32) for k, v in arrays.items()})
 
 
+def convert_public(name: str, path: str, output: str) -> Arrays:
+  """Writes the backbone npz of the public checkpoint at `path`; returns its arrays."""
+  backbone = public_backbone(name, read_state(path), repr(path))
+  save(output, backbone)
+  return backbone
+
+
+def convert_original(path: str, output_backbone: str, output_adapter: str) -> tuple[str, Arrays, Arrays]:
+  """Writes the backbone and adapter npz of the original E²VPT model at `path`; returns what `split_original` does."""
+  kind, backbone, adapter = split_original(read_state(path), repr(path))
+  save(output_backbone, backbone)
+  save(output_adapter, adapter)
+  return kind, backbone, adapter
+
+
 _BACKBONE = flags.DEFINE_enum('backbone', None, sorted(PUBLIC), 'the public checkpoint --input holds')
 _INPUT = flags.DEFINE_string('input', None, 'a public pretrained checkpoint (.pth, .pth.tar or .npz)')
 _OUTPUT = flags.DEFINE_string('output', None, 'the backbone npz to write')
 _ORIGINAL = flags.DEFINE_string('original', None, 'a model saved by the original E²VPT code (.pth or .npz)')
-_OUTPUT_BACKBONE = flags.DEFINE_string('output_backbone', None, "the backbone npz to write from --original")
-_OUTPUT_ADAPTER = flags.DEFINE_string('output_adapter', None, "the adapter npz to write from --original")
+_OUTPUT_BACKBONE = flags.DEFINE_string('output_backbone', None, 'the backbone npz to write from --original')
+_OUTPUT_ADAPTER = flags.DEFINE_string('output_adapter', None, 'the adapter npz to write from --original')
 
 
 def main(argv: list[str]) -> None:
   del argv
   try:
     if _ORIGINAL.value and _OUTPUT_BACKBONE.value and _OUTPUT_ADAPTER.value:
-      kind, backbone, adapter = split_original(read_state(_ORIGINAL.value), repr(_ORIGINAL.value))
-      save(_OUTPUT_BACKBONE.value, backbone)
-      save(_OUTPUT_ADAPTER.value, adapter)
+      kind, backbone, adapter = convert_original(_ORIGINAL.value, _OUTPUT_BACKBONE.value, _OUTPUT_ADAPTER.value)
       print(f'{kind} model: {len(backbone)} backbone arrays -> {_OUTPUT_BACKBONE.value}, adapter '
             f'{sorted(adapter)} -> {_OUTPUT_ADAPTER.value}')
     elif _BACKBONE.value and _INPUT.value and _OUTPUT.value:
-      backbone = public_backbone(_BACKBONE.value, read_state(_INPUT.value), repr(_INPUT.value))
-      save(_OUTPUT.value, backbone)
+      backbone = convert_public(_BACKBONE.value, _INPUT.value, _OUTPUT.value)
       print(f'{_BACKBONE.value}: {len(backbone)} arrays -> {_OUTPUT.value}')
     else:
       raise UserError('pass --backbone, --input and --output, or --original, --output_backbone and --output_adapter')

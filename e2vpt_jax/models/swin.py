@@ -91,7 +91,8 @@ class WindowAttention(nn.Module):
     pad = ((num_prompts, 0), (num_kv + num_prompts, 0))
     bias = jnp.pad(bias, ((0, 0), *pad))[None]
     if mask is not None:  # windows are batch-major: window i has mask i mod nW
-      bias = bias + jnp.tile(np.pad(mask, ((0, 0), *pad))[:, None], (x.shape[0] // len(mask), 1, 1, 1))
+      bias = bias + jnp.asarray(np.pad(mask, ((0, 0), *pad))[:, None])
+      bias = jnp.broadcast_to(bias, (x.shape[0] // len(mask), *bias.shape)).reshape(x.shape[0], *bias.shape[1:])
     q, k, v = prompted.fused_qkv(x, self.num_heads, self.dtype)
     y = self.attention_fn(q, k, v, kv_prompt, bias=bias, scale=(x.shape[-1] // self.num_heads) ** -0.5)
     return nn.Dense(x.shape[-1], dtype=self.dtype, name='proj')(y.reshape(x.shape))
