@@ -14,9 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e2vpt_jax.models import prompted
-from e2vpt_jax.models.prompted import AttentionFn, prompted_attention
-from e2vpt_jax.models.vit import PRESETS
+from e2vpt_jax.models import prompted, vit
 
 Array = jax.Array
 KINDS = ('mae', 'mocov3')
@@ -35,11 +33,8 @@ def sincos_posemb(kind: str, grid: int, width: int) -> np.ndarray:
   return np.concatenate([np.zeros((1, width)), table])[None].astype(np.float32)
 
 
-class Attention(nn.Module):
+class Attention(vit.MultiHeadDotProductAttention):
   """timm's attention: fused `qkv`, the KV prompt prepended after the head split, then `proj`."""
-  num_heads: int
-  attention_fn: AttentionFn = prompted_attention
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
@@ -48,12 +43,8 @@ class Attention(nn.Module):
     return nn.Dense(x.shape[-1], dtype=self.dtype, name='proj')(y.reshape(x.shape))
 
 
-class Block(nn.Module):
-  """timm's pre-norm block, LayerNorm eps 1e-6."""
-  num_heads: int
-  mlp_dim: int
-  attention_fn: AttentionFn = prompted_attention
-  dtype: Any = jnp.float32
+class Block(vit.Encoder1DBlock):
+  """timm's pre-norm block (its submodule names), LayerNorm eps 1e-6."""
 
   @nn.compact
   def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
@@ -63,25 +54,12 @@ class Block(nn.Module):
     return x + mlp(nn.LayerNorm(1e-6, dtype=self.dtype, name='norm2')(x))
 
 
-class SSLViT(nn.Module):
+class SSLViT(vit.ViT):
   """MAE (`kind='mae'`) or MoCo v3 (`kind='mocov3'`) ViT classifier with E²VPT prompts and masks.
 
-  Options as `vit.ViT`. Images are NHWC, already normalised.
+  The options are `vit.ViT`'s. Images are NHWC, already normalised.
   """
-  num_classes: int
   kind: str = 'mae'
-  patch_size: int = 16
-  width: int = 768
-  depth: int = 12
-  num_heads: int = 12
-  mlp_dim: int = 3072
-  num_prompts: int = 0
-  num_kv_prompts: int = 0
-  use_masks: bool = False
-  prompt_dropout: float = 0.1
-  attention_fn: AttentionFn = prompted_attention
-  dtype: Any = jnp.float32
-  remat: str = ''
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
@@ -111,6 +89,6 @@ class SSLViT(nn.Module):
 
 def get_model(kind: str, variant: str, **kwargs: Any) -> SSLViT:
   """MAE or MoCo v3 ViT at a `vit.PRESETS` size ('B/16' is the released one)."""
-  if variant not in PRESETS:
-    raise ValueError(f'unknown ViT variant {variant!r}; choose one of {sorted(PRESETS)}')
-  return SSLViT(kind=kind, **PRESETS[variant], **kwargs)
+  if variant not in vit.PRESETS:
+    raise ValueError(f'unknown ViT variant {variant!r}; choose one of {sorted(vit.PRESETS)}')
+  return SSLViT(kind=kind, **vit.PRESETS[variant], **kwargs)
