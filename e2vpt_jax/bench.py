@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ from absl import app, flags, logging
 from e2vpt_jax import checkpoints, optim, parallel, train
 from e2vpt_jax import config as config_lib
 from e2vpt_jax import run
-from e2vpt_jax.models import vit
+from e2vpt_jax.models import backbones, vit
 from e2vpt_jax.data import input as data_input
 
 FLAGS = flags.FLAGS
@@ -31,7 +32,7 @@ def define_flags() -> None:
   """The benchmark's flags, defined only when it runs as the program: importing bench (main does) adds none."""
   flags.DEFINE_enum('what', 'train', ['train', 'eval', 'runs', 'init', 'task', 'input', 'prune_flops'],
                     'what to measure')
-  flags.DEFINE_string('variant', 'B/16', 'ViT preset (tiny for a quick check)')
+  flags.DEFINE_string('variant', 'B/16', 'model variant: a ViT preset (tiny for a quick check), swin-B, mae-B/16, …')
   flags.DEFINE_integer('image_size', 224, 'image side in pixels')
   flags.DEFINE_list('batch_sizes', ['8'], 'global batch sizes to measure')
   flags.DEFINE_list('dtypes', ['float32'], 'compute dtypes: float32, bfloat16')
@@ -123,11 +124,11 @@ def peak_memory_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def model_of(s: Setup) -> vit.ViT:
-  """ViT with 100 classes; e2vpt has P = 10, L = 5 (the typical VTAB command), vpt P = 10."""
+def model_of(s: Setup) -> nn.Module:
+  """The variant's model with 100 classes; e2vpt has P = 10, L = 5 (the typical VTAB command), vpt P = 10."""
   prompts = {'e2vpt': (10, 5), 'vpt': (10, 0)}.get(s.transfer, (0, 0))
-  return vit.get_model(s.variant, num_classes=100, num_prompts=prompts[0], num_kv_prompts=prompts[1],
-                       dtype=jnp.dtype(s.dtype), remat=s.remat)
+  return backbones.get_model(s.variant, num_classes=100, num_prompts=prompts[0], num_kv_prompts=prompts[1],
+                             dtype=jnp.dtype(s.dtype), remat=s.remat)
 
 
 def step_setup(s: Setup, training: bool) -> tuple[Callable, tuple, Callable]:

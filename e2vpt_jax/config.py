@@ -150,9 +150,9 @@ def validate(c: config_dict.ConfigDict) -> None:
   """Checks every value of a run's (or a protocol's) config; the first bad one is a ConfigError that
   names the key, the value and what is valid. Cheap: reads no file."""
   from e2vpt_jax import masks, optim, pruning
-  from e2vpt_jax.models import vit
+  from e2vpt_jax.models import backbones, vit
   for key, options in [('mode', MODES), ('transfer', optim.TRANSFERS), ('optimizer', OPTIMIZERS),
-                       ('compute_dtype', DTYPES), ('model.variant', vit.PRESETS), ('model.remat', REMATS),
+                       ('compute_dtype', DTYPES), ('model.variant', backbones.VARIANTS), ('model.remat', REMATS),
                        ('model.attention', vit.ATTENTION), ('data.source', ('vtab', 'fgvc', 'demo')),
                        ('prune.mode', masks.MODES), ('pruning.importance', pruning.IMPORTANCE),
                        ('pruning.rewind', pruning.REWINDS), ('pruning.mode', masks.MODES)]:
@@ -168,6 +168,10 @@ def validate(c: config_dict.ConfigDict) -> None:
           'use a finite number >= 0')
   dropout = c.model.prompt_dropout
   require(math.isfinite(dropout) and 0 <= dropout < 1, 'model.prompt_dropout', dropout, 'use a number in [0, 1)')
+  kind = backbones.family(c.model.variant)
+  for key in ('prune.mode', 'pruning.mode'):
+    require(get(c, key) == 'mask' or kind in backbones.DROP_MODE, key, get(c, key),
+            f"use 'mask' on {kind}: drop mode applies where the masks act in every layer ({backbones.DROP_MODE})")
   if c.mode == 'demo':
     defaults = base()
     for key, field in STAGE_KEYS.items():

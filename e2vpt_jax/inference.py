@@ -3,49 +3,39 @@
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from e2vpt_jax import checkpoints, optim
-from e2vpt_jax.models.vit import ViT
+from e2vpt_jax.models import backbones
 
 
-def infer_model(backbone: Mapping[str, Any], adapter: Mapping[str, Any]) -> tuple[ViT, int]:
-  """The ViT (and its image size) that the arrays' shapes describe.
+def infer_model(backbone: Mapping[str, Any], adapter: Mapping[str, Any]) -> tuple[nn.Module, int]:
+  """The model (ViT, Swin, MAE or MoCo v3) and an image size it runs at, as the arrays' shapes describe.
 
   `backbone` is a Linen-named backbone tree, `adapter` an adapter tree (see `checkpoints`).
   """
-  flat, extra = checkpoints.flatten(backbone), checkpoints.flatten(adapter)
-  patch, _, _, width = flat['embedding/kernel'].shape
-  depth = sum(1 for k in flat if k.startswith('Transformer/encoderblock_') and k.endswith('LayerNorm_0/scale'))
-  block = 'Transformer/encoderblock_0/'
+  extra = checkpoints.flatten(adapter)
   if 'head/kernel' not in extra:
     raise checkpoints.CheckpointMismatchError('the adapter has no head/kernel: it is not a classifier')
-  model = ViT(
-      num_classes=extra['head/kernel'].shape[1],
-      patch_size=patch,
-      width=width,
-      depth=depth,
-      num_heads=flat[block + 'MultiHeadDotProductAttention_0/query/kernel'].shape[1],
-      mlp_dim=flat[block + 'MlpBlock_0/Dense_0/kernel'].shape[1],
-      num_prompts=extra['prompts/visual'].shape[1] if 'prompts/visual' in extra else 0,
-      num_kv_prompts=extra['prompts/kv'].shape[2] if 'prompts/kv' in extra else 0,
-      use_masks='masks/token' in extra,
-  )
-  image_size = int(round(np.sqrt(flat[checkpoints.POSEMB].shape[1] - 1))) * patch
-  return model, image_size
+  try:
+    return backbones.from_arrays(checkpoints.flatten(backbone), extra)
+  except (KeyError, ValueError) as e:
+    raise checkpoints.CheckpointMismatchError(f'the backbone arrays describe no known backbone: {e}') from None
 
 
-def load_classifier(backbone_npz: str, adapter_npz: str) -> Callable[[jax.Array], jax.Array]:
+def load_classifier(backbone_npz: str, adapter_npz: str, **options: Any) -> Callable[[jax.Array], jax.Array]:
   """A jitted function from NHWC float32 images (already normalised) to logits.
 
-  The whole architecture (patch, width, depth, heads, MLP width, image size, P, L, classes) is read
-  from the arrays' shapes; both files are checked against it.
+  The backbone's kind and whole architecture (widths, depths, heads, MLP widths, image size, P, L,
+  classes) are read from the arrays' shapes; both files are checked against it. `options` override
+  model fields, e.g. Swin's `grouping='original'` to reproduce the original code's batch coupling.
   """
   backbone = checkpoints.google_vit_params(checkpoints.read_npz(backbone_npz))
   adapter = checkpoints.load_adapter(adapter_npz)
   model, size = infer_model(backbone, adapter)
+  model = model.clone(**options)
   template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
   backbone_shapes, adapter_shapes = optim.partition(template, checkpoints.is_adapter)[::-1]
   params = optim.combine(checkpoints.fit(backbone, backbone_shapes, f'backbone {backbone_npz!r}'),

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from e2vpt_jax.models.vit import NUM_SEGMENTS, prompt_mask
+from e2vpt_jax.models.prompted import NUM_SEGMENTS, prompt_mask
 
 MODES = ('mask', 'drop')
 

@@ -24,7 +24,7 @@ from e2vpt_jax import checkpoints, masks, optim, parallel, train
 from e2vpt_jax import run as run_lib
 from e2vpt_jax.data import input as data_input
 from e2vpt_jax.errors import ConfigError
-from e2vpt_jax.models.vit import NUM_SEGMENTS
+from e2vpt_jax.models.prompted import NUM_SEGMENTS
 
 IMPORTANCE = ('signed', 'abs', 'ablation')
 REWINDS = ('fresh', 'init')  # a rewind starts from a new random draw (the original) or from stage 1's start

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,7 +32,7 @@ from e2vpt_jax import checkpoints, masks, metrics, optim, parallel, train
 from e2vpt_jax import config as config_lib
 from e2vpt_jax.data import input as data_input
 from e2vpt_jax.errors import ConfigError, UserError
-from e2vpt_jax.models import vit
+from e2vpt_jax.models import backbones, prompted
 
 # Memory a group may plan to use, as a share of a device's (XLA's estimate leaves out the runtime's own).
 MEMORY_SHARE = 0.8
@@ -180,26 +181,27 @@ def run_keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
   return init, dropout
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT:
-  """The configured ViT; in drop mode without its pruned prompt tokens."""
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The configured backbone with E²VPT (`model.variant`: ViT, Swin, MAE or MoCo v3); in drop mode without
+  its pruned prompt tokens."""
   m = config.model
   dropped = len(config.prune.tokens) if config.prune.mode == 'drop' else 0
-  return vit.get_model(m.variant, num_classes=num_classes, num_prompts=m.num_prompts - dropped,
-                       num_kv_prompts=m.num_kv_prompts, use_masks=uses_masks(config)[0],
-                       prompt_dropout=m.prompt_dropout, dtype=jnp.dtype(config.compute_dtype), remat=m.remat,
-                       attention_fn=vit.ATTENTION[m.attention])
+  return backbones.get_model(m.variant, num_classes=num_classes, num_prompts=m.num_prompts - dropped,
+                             num_kv_prompts=m.num_kv_prompts, use_masks=uses_masks(config)[0],
+                             prompt_dropout=m.prompt_dropout, dtype=jnp.dtype(config.compute_dtype), remat=m.remat,
+                             attention_fn=prompted.ATTENTION[m.attention])
 
 
 def _images(image_size: int) -> jax.Array:
   return jnp.zeros((1, image_size, image_size, 3))
 
 
-def template(model: vit.ViT, image_size: int) -> dict[str, Any]:
+def template(model: nn.Module, image_size: int) -> dict[str, Any]:
   """The model's parameter shapes (nothing is computed)."""
   return jax.eval_shape(model.init, jax.random.key(0), _images(image_size))['params']
 
 
-def init_backbone(config: ml_collections.ConfigDict, model: vit.ViT, image_size: int) -> dict[str, Any]:
+def init_backbone(config: ml_collections.ConfigDict, model: nn.Module, image_size: int) -> dict[str, Any]:
   """The backbone (numpy) from `config.pretrained`, or for 'scratch' one random draw in one jitted init: the
   same for every run whatever its seeds (from seed 0's init key), so that runs of different seeds share it."""
   _, like = optim.partition(template(model, image_size), checkpoints.is_adapter)
@@ -211,7 +213,7 @@ def init_backbone(config: ml_collections.ConfigDict, model: vit.ViT, image_size:
 
 
 @functools.lru_cache(maxsize=None)
-def _draw(model: vit.ViT, image_size: int, adapter: bool) -> Callable[[jax.Array], dict]:
+def _draw(model: nn.Module, image_size: int, adapter: bool) -> Callable[[jax.Array], dict]:
   """The jitted init of the adapter (vmapped over keys) or of the backbone alone: XLA drops the other
   part's computation. Compiled once per model."""
   part = lambda key: optim.partition(model.init(key, _images(image_size))['params'],
@@ -219,7 +221,7 @@ def _draw(model: vit.ViT, image_size: int, adapter: bool) -> Callable[[jax.Array
   return jax.jit(jax.vmap(part) if adapter else part)
 
 
-def init_adapters(configs: Sequence[ml_collections.ConfigDict], model: vit.ViT, image_size: int) -> list[dict]:
+def init_adapters(configs: Sequence[ml_collections.ConfigDict], model: nn.Module, image_size: int) -> list[dict]:
   """Each run's prompts and head, drawn from its init key in one jitted, vmapped, adapter-only init,
   or read from its `init_adapter`; the pruned entries' masks set to 0 (and in
   drop mode their tokens removed); each checked against the model's own adapter template."""
@@ -239,7 +241,7 @@ def init_adapters(configs: Sequence[ml_collections.ConfigDict], model: vit.ViT, 
   return adapters
 
 
-def init_params(config: ml_collections.ConfigDict, model: vit.ViT, image_size: int) -> dict[str, Any]:
+def init_params(config: ml_collections.ConfigDict, model: nn.Module, image_size: int) -> dict[str, Any]:
   """One run's starting parameters: its adapter and its backbone."""
   return optim.combine(init_adapters([config], model, image_size)[0], init_backbone(config, model, image_size))
 
@@ -249,7 +251,7 @@ class Setup:
   """What a group of runs of one shape shares, built once: data, model, optimizer, frozen backbone."""
   config: ml_collections.ConfigDict  # the first run's config: the group's shapes
   data: Data
-  model: vit.ViT
+  model: nn.Module
   tx: optax.GradientTransformation
   backbone: dict[str, Any]
   predicate: optim.Predicate
@@ -305,7 +307,7 @@ def init(s: Setup, configs: Sequence[ml_collections.ConfigDict]) -> tuple[dict, 
 
 
 def group_step(state: dict, fixed: Any, frozen: Any, batches: tuple[train.Batch, ...], which: jax.Array,
-               keys: jax.Array, *, model: vit.ViT, tx: optax.GradientTransformation) -> tuple[dict, jax.Array]:
+               keys: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation) -> tuple[dict, jax.Array]:
   """`train.train_step` for every run of a group (vmapped over the runs axis): run r trains on
   `batches[which[r]]` (its data seed's) with its own dropout key. A run whose loss or new parameters are
   not finite keeps its last finite state and is marked (alive False, the step, the loss); the others go on."""
@@ -331,7 +333,7 @@ def group_step(state: dict, fixed: Any, frozen: Any, batches: tuple[train.Batch,
           'elapsed': state['elapsed']}, loss
 
 
-def group_eval(trainable: Any, fixed: Any, frozen: Any, batch: train.Batch, *, model: vit.ViT) -> dict[str, jax.Array]:
+def group_eval(trainable: Any, fixed: Any, frozen: Any, batch: train.Batch, *, model: nn.Module) -> dict[str, jax.Array]:
   """`train.eval_step` for every run of a group on one shared batch: correct [R] and count [R]."""
   return jax.vmap(lambda t, f: train.eval_step(t, optim.combine(f, frozen), batch, model=model))(trainable, fixed)
 
@@ -523,7 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 @functools.lru_cache(maxsize=None)
-def _steps(model: vit.ViT, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+def _steps(model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
   """The jitted group train and eval steps, made once per model, optimizer and mesh (and so compiled once
   per shape however many groups and runs use them)."""
   train_fn = jax.jit(functools.partial(group_step, model=model, tx=tx), donate_argnums=0,

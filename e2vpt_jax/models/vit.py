@@ -10,33 +10,17 @@ loading is a rename, never a reshape. The E²VPT parts live beside the backbone:
   head/kernel, head/bias                 linear classifier on the CLS token
 """
 
-import functools
-import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from e2vpt_jax.models import prompted
+# ATTENTION and NUM_SEGMENTS stay importable from here, where they were first defined.
+from e2vpt_jax.models.prompted import ATTENTION, NUM_SEGMENTS, AttentionFn, prompted_attention  # noqa: F401
+
 Array = jax.Array
-AttentionFn = Callable[[Array, Array, Array, Array | None], Array]
-
-NUM_SEGMENTS = 16
-HEAD_BIAS_INIT = -math.log((1 - 0.01) / 0.01)
-
-# What a rematerialised block keeps for the backward pass: `dots` keeps the matmul outputs and
-# recomputes LayerNorm, GELU and softmax (ViT-B/16 on CPU at batch 8: 0.9 GB less, no slower); `full`
-# keeps only the block's input; `auto` is `dots` on CPU and none on accelerators (not measured there).
-REMAT_POLICIES = {'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                  'full': jax.checkpoint_policies.nothing_saveable}
-
-
-def remat_policy(name: str) -> Callable[..., bool] | None:
-  """The checkpoint policy called `name` ('' or None: no rematerialisation)."""
-  if name == 'auto':
-    name = 'dots' if jax.default_backend() == 'cpu' else ''
-  return REMAT_POLICIES[name] if name else None
-
 
 PRESETS: dict[str, dict[str, int]] = {
     'tiny': dict(patch_size=8, width=64, depth=3, num_heads=4, mlp_dim=128),
@@ -47,52 +31,6 @@ PRESETS: dict[str, dict[str, int]] = {
     'L/16': dict(patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096),
     'H/14': dict(patch_size=14, width=1280, depth=32, num_heads=16, mlp_dim=5120),
 }
-
-
-def prompt_mask(token: Array, segment: Array, width: int) -> Array:
-  """M [P, width] with M[t, j] = T[t]·S[t, j mod 16]: segments are strided, as the reference tiles them."""
-  return token[:, None] * jnp.tile(segment, (1, width // NUM_SEGMENTS))
-
-
-def uniform(bound: float) -> Callable[..., Array]:
-  """U(-bound, bound), for the reference's explicit prompt initialisation bounds."""
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
-def prepend_kv_prompt(x: Array, kv_prompt: Array | None) -> Array:
-  """[E; x]: the KV prompt E [H, L, d] joins keys or values x [B, N, H, d] after the projections."""
-  if kv_prompt is None:
-    return x
-  prompt = jnp.swapaxes(kv_prompt, 0, 1).astype(x.dtype)
-  return jnp.concatenate([jnp.broadcast_to(prompt, (x.shape[0], *prompt.shape)), x], axis=1)
-
-
-def prompted_attention(q: Array, k: Array, v: Array, kv_prompt: Array | None) -> Array:
-  """softmax(q [E; k]ᵀ / sqrt(d)) [E; v], written out as the reference computes it (the default).
-
-  q, k, v are [B, N, H, d]; the scores accumulate, scale and go through the softmax in (at least) float32
-  whatever the compute dtype, so bf16 rounds only the weights that multiply v. The products run head-major
-  ([B, H, N, d], each head's rows contiguous): on XLA:CPU that makes attention 3.6× faster (BENCHMARKS.md).
-  """
-  k, v = prepend_kv_prompt(k, kv_prompt), prepend_kv_prompt(v, kv_prompt)
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-  accumulate = jnp.promote_types(q.dtype, jnp.float32)
-  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=accumulate)
-  weights = jax.nn.softmax(scores / jnp.sqrt(q.shape[-1]).astype(accumulate), axis=-1).astype(v.dtype)
-  return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, v), 1, 2)
-
-
-def fused_attention(q: Array, k: Array, v: Array, kv_prompt: Array | None,
-                    implementation: str | None = None) -> Array:
-  """The same through jax.nn.dot_product_attention (implementation 'cudnn' for GPU flash attention)."""
-  k, v = prepend_kv_prompt(k, kv_prompt), prepend_kv_prompt(v, kv_prompt)
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-
-
-ATTENTION: dict[str, AttentionFn] = {'einsum': prompted_attention, 'fused': fused_attention,
-                                     'cudnn': functools.partial(fused_attention, implementation='cudnn')}
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -111,16 +49,6 @@ class MultiHeadDotProductAttention(nn.Module):
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out')(y)
 
 
-class MlpBlock(nn.Module):
-  mlp_dim: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype)(x), approximate=False)
-    return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
-
-
 class Encoder1DBlock(nn.Module):
   """Pre-norm transformer block."""
   num_heads: int
@@ -132,7 +60,7 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
     attention = MultiHeadDotProductAttention(self.num_heads, self.attention_fn, self.dtype)
     x = x + attention(nn.LayerNorm(dtype=self.dtype)(x), kv_prompt)
-    return x + MlpBlock(self.mlp_dim, self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
+    return x + prompted.MlpBlock(self.mlp_dim, self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
 
 
 class AddPositionEmbs(nn.Module):
@@ -155,18 +83,10 @@ class Encoder(nn.Module):
   def __call__(self, x: Array, visual: Array | None, kv: Array | None, mask: Array | None,
                train: bool) -> Array:
     x = AddPositionEmbs(name='posembed_input')(x)
-    num_prompts = 0 if visual is None else visual.shape[1]
-    policy = remat_policy(self.remat)
-    block_type = Encoder1DBlock if policy is None else nn.remat(Encoder1DBlock, policy=policy)
-    for i in range(self.depth):
-      if num_prompts:
-        p = jnp.broadcast_to(visual[i].astype(x.dtype), (x.shape[0],) + visual.shape[1:])
-        p = nn.Dropout(self.prompt_dropout)(p, deterministic=not train)
-        if mask is not None:
-          p = p * mask.astype(p.dtype)
-        x = jnp.concatenate([x[:, :1], p, x[:, 1 + (num_prompts if i else 0):]], axis=1)
-      block = block_type(self.num_heads, self.mlp_dim, self.attention_fn, self.dtype, name=f'encoderblock_{i}')
-      x = block(x, None if kv is None else kv[i])
+    block_type = prompted.remat_block(Encoder1DBlock, self.remat)
+    blocks = [block_type(self.num_heads, self.mlp_dim, self.attention_fn, self.dtype, name=f'encoderblock_{i}')
+              for i in range(self.depth)]
+    x = prompted.prompted_blocks(x, blocks, visual, kv, mask, self.prompt_dropout, train)
     return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
 
 
@@ -198,35 +118,12 @@ class ViT(nn.Module):
     x = x.reshape(x.shape[0], -1, d)
     cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)).astype(x.dtype), x], axis=1)
-    prompts = ParamGroup(name='prompts')(**self.prompt_specs()) if self.num_prompts or self.num_kv_prompts else {}
-    mask = None
-    if self.num_prompts and self.use_masks:
-      masks = ParamGroup(name='masks')(token=(nn.initializers.ones, (self.num_prompts,)),
-                                       segment=(nn.initializers.ones, (self.num_prompts, NUM_SEGMENTS)))
-      mask = prompt_mask(masks['token'], masks['segment'], d)
+    prompts = prompted.prompt_params(prompted.layer_prompt_specs(
+        self.depth, d, self.num_heads, self.patch_size, self.num_prompts, self.num_kv_prompts))
+    mask = prompted.mask_params(self.num_prompts, d, self.use_masks)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.prompt_dropout, self.attention_fn, self.dtype,
                 self.remat, name='Transformer')(x, prompts.get('visual'), prompts.get('kv'), mask, train)
-    return nn.Dense(self.num_classes, name='head',
-                    kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-                    bias_init=nn.initializers.constant(HEAD_BIAS_INIT))(x[:, 0])
-
-  def prompt_specs(self) -> dict[str, tuple[Callable[..., Array], tuple[int, ...]]]:
-    """Initialisers and shapes of the visual and KV prompts, with the reference's uniform bounds."""
-    P, L, D, H = self.num_prompts, self.num_kv_prompts, self.width, self.num_heads
-    specs = {}
-    if P:
-      specs['visual'] = uniform(math.sqrt(6 / (3 * self.patch_size ** 2 + D))), (self.depth, P, D)
-    if L:
-      specs['kv'] = uniform(math.sqrt(6 / (D // H * L))), (self.depth, H, L, D // H)
-    return specs
-
-
-class ParamGroup(nn.Module):
-  """A named scope that only holds parameters (`prompts/*`, `masks/*`); returns them by name."""
-
-  @nn.compact
-  def __call__(self, **specs: tuple[Callable[..., Array], tuple[int, ...]]) -> dict[str, Array]:
-    return {name: self.param(name, init, shape) for name, (init, shape) in specs.items()}
+    return prompted.head(x[:, 0], self.num_classes)
 
 
 def get_model(variant: str, **kwargs: Any) -> ViT:
