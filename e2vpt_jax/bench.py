@@ -287,7 +287,7 @@ def sweep_wall_time(s: Setup, runs: int, epochs: int, runs_per_step: int, workdi
   for i in range(runs):
     c = run_config(s, lr=0.01 * (i + 1))
     c.epochs, c.warmup_epochs, c.eval_every_epochs = epochs, 1, epochs
-    configs[f'run{i}'] = c
+    configs[f'runs/run{i}'] = c
   start = time.perf_counter()
   run.run_many(configs, workdir, runs_per_step, data=data)
   return time.perf_counter() - start
