@@ -145,11 +145,12 @@ def test_bf16_keeps_the_stream_in_bf16_and_the_scores_in_float32(golden, golden_
   logits, state = apply(mixed)
   blocks = state['intermediates']['Transformer']
   assert [blocks[f'encoderblock_{i}']['__call__'][0].dtype for i in range(model.depth)] == [jnp.bfloat16] * 3
-  # q [E; k]ᵀ is the one product of shape [B, H, N, L + N] (N = 1 + P + 16 patches, L = 3 KV prompts).
-  shape = (3, model.num_heads, 21, 24)
+  # q [E; k]ᵀ are the products of shape [B, H, queries, L + N] (N = 1 + P + 16 patches, L = 3 KV prompts):
+  # 17 queries (CLS and patches) in blocks 0 and 1, the CLS alone in the last.
+  shapes = [(3, model.num_heads, 17, 24), (3, model.num_heads, 17, 24), (3, model.num_heads, 1, 24)]
   products = list(dot_generals(jax.make_jaxpr(apply)(mixed).jaxpr))
-  scores = [e.outvars[0].aval.dtype for e in products if e.outvars[0].aval.shape == shape]
-  weights = [x.aval.dtype for e in products for x in e.invars if x.aval.shape == shape]
+  scores = [e.outvars[0].aval.dtype for e in products if e.outvars[0].aval.shape in shapes]
+  weights = [x.aval.dtype for e in products for x in e.invars if x.aval.shape in shapes]
   assert scores == [jnp.float32] * 3 and weights == [jnp.bfloat16] * 3
   with jax.default_matmul_precision('highest'):
     exact = golden_model.clone(use_masks=use_masks).apply({'params': params}, images)

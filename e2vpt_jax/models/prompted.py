@@ -17,6 +17,7 @@ import jax.numpy as jnp
 Array = jax.Array
 AttentionFn = Callable[..., Array]
 InitSpec = tuple[Callable[..., Array], tuple[int, ...]]
+Rows = tuple[tuple[int, int | None], ...] | None  # slices of the token axis (None: every row)
 
 NUM_SEGMENTS = 16
 HEAD_BIAS_INIT = -math.log((1 - 0.01) / 0.01)
@@ -119,11 +120,12 @@ ATTENTION: dict[str, AttentionFn] = {'einsum': prompted_attention, 'fused': fuse
                                      'cudnn': functools.partial(fused_attention, implementation='cudnn')}
 
 
-def fused_qkv(x: Array, num_heads: int, dtype: Any) -> tuple[Array, Array, Array]:
-  """q, k, v [B, N, H, d] from one `qkv` Dense whose outputs are [q | k | v] (timm's and Swin's layout)."""
+def fused_qkv(x: Array, num_heads: int, dtype: Any, rows: Rows = None) -> tuple[Array, Array, Array]:
+  """q (of `rows` only), k, v [B, N, H, d] from one `qkv` Dense whose outputs are [q | k | v] (timm's and
+  Swin's layout)."""
   qkv = nn.Dense(3 * x.shape[-1], dtype=dtype, name='qkv')(x)
   qkv = qkv.reshape(*x.shape[:-1], 3, num_heads, x.shape[-1] // num_heads)
-  return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+  return take_rows(qkv[..., 0, :, :], rows), qkv[..., 1, :, :], qkv[..., 2, :, :]
 
 
 class MlpBlock(nn.Module):
@@ -181,15 +183,30 @@ def prompt_tokens(prompt: Array, batch: int, rate: float, mask: Array | None, tr
   return p if mask is None else p * mask.astype(p.dtype)
 
 
-def prompted_blocks(x: Array, blocks: list[nn.Module], visual: Array | None, kv: Array | None,
-                    mask: Array | None, rate: float, train: bool) -> Array:
-  """`blocks` over [CLS, prompts, patches]: layer i's prompts replace the previous layer's prompt outputs."""
+def block_rows(layer: int, depth: int, num_prompts: int, cls_only: bool) -> Rows:
+  """The rows of block `layer`'s output that anything reads: the next block replaces the prompt rows, and a
+  CLS-pooled model reads only the last block's CLS. A block computes its queries, attention output and MLP
+  for these rows alone, keys and values for all (ViT-B/16 at P = 10: 11 % fewer FLOPs, same outputs)."""
+  if layer == depth - 1:
+    return ((0, 1),) if cls_only else None
+  return ((0, 1), (1 + num_prompts, None)) if num_prompts else None
+
+
+def take_rows(x: Array, rows: Rows) -> Array:
+  """The `rows` of the token axis of x [B, N, ...] (all of them for None)."""
+  return x if rows is None else jnp.concatenate([x[:, a:b] for a, b in rows], axis=1)
+
+
+def prompted_blocks(x: Array, block: Callable[[int, Rows], nn.Module], depth: int, visual: Array | None,
+                    kv: Array | None, mask: Array | None, rate: float, train: bool, cls_only: bool) -> Array:
+  """`depth` blocks over [CLS, prompts, patches], `block(i, rows)` making block i: layer i's prompts take the
+  place of the prompt outputs of block i − 1, which therefore returns [CLS, patches] only (`block_rows`)."""
   num_prompts = 0 if visual is None else visual.shape[1]
-  for i, block in enumerate(blocks):
+  for i in range(depth):
     if num_prompts:
       p = prompt_tokens(visual[i], x.shape[0], rate, mask, train, x.dtype)
-      x = jnp.concatenate([x[:, :1], p, x[:, 1 + (num_prompts if i else 0):]], axis=1)
-    x = block(x, None if kv is None else kv[i])
+      x = jnp.concatenate([x[:, :1], p, x[:, 1:]], axis=1)
+    x = block(i, block_rows(i, depth, num_prompts, cls_only))(x, None if kv is None else kv[i])
   return x
 
 

@@ -37,10 +37,10 @@ class Attention(vit.MultiHeadDotProductAttention):
   """timm's attention: fused `qkv`, the KV prompt prepended after the head split, then `proj`."""
 
   @nn.compact
-  def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
-    q, k, v = prompted.fused_qkv(x, self.num_heads, self.dtype)
+  def __call__(self, x: Array, kv_prompt: Array | None, rows: prompted.Rows = None) -> Array:
+    q, k, v = prompted.fused_qkv(x, self.num_heads, self.dtype, rows)
     y = self.attention_fn(q, k, v, kv_prompt)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name='proj')(y.reshape(x.shape))
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name='proj')(y.reshape(*q.shape[:2], x.shape[-1]))
 
 
 class Block(vit.Encoder1DBlock):
@@ -49,7 +49,8 @@ class Block(vit.Encoder1DBlock):
   @nn.compact
   def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
     attention = Attention(self.num_heads, self.attention_fn, self.dtype, name='attn')
-    x = x + attention(nn.LayerNorm(1e-6, dtype=self.dtype, name='norm1')(x), kv_prompt)
+    y = attention(nn.LayerNorm(1e-6, dtype=self.dtype, name='norm1')(x), kv_prompt, self.rows)
+    x = prompted.take_rows(x, self.rows) + y
     mlp = prompted.MlpBlock(self.mlp_dim, self.dtype, ('fc1', 'fc2'), name='mlp')
     return x + mlp(nn.LayerNorm(1e-6, dtype=self.dtype, name='norm2')(x))
 
@@ -76,10 +77,10 @@ class SSLViT(vit.ViT):
         self.depth, d, self.num_heads, self.patch_size, self.num_prompts, self.num_kv_prompts))
     mask = prompted.mask_params(self.num_prompts, d, self.use_masks)
     block_type = prompted.remat_block(Block, self.remat)
-    blocks = [block_type(self.num_heads, self.mlp_dim, self.attention_fn, self.dtype, name=f'blocks_{i}')
-              for i in range(self.depth)]
-    x = prompted.prompted_blocks(x, blocks, prompts.get('visual'), prompts.get('kv'), mask, self.prompt_dropout,
-                                 train)
+    block = lambda i, rows: block_type(self.num_heads, self.mlp_dim, self.attention_fn, self.dtype, rows,
+                                       name=f'blocks_{i}')
+    x = prompted.prompted_blocks(x, block, self.depth, prompts.get('visual'), prompts.get('kv'), mask,
+                                 self.prompt_dropout, train, cls_only=self.kind == 'mocov3')
     if self.kind == 'mae':
       feature = nn.LayerNorm(1e-6, dtype=self.dtype, name='fc_norm')(x[:, 1:].mean(axis=1))
     else:

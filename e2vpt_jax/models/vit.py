@@ -40,26 +40,29 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
+  def __call__(self, x: Array, kv_prompt: Array | None, rows: prompted.Rows = None) -> Array:
+    """Keys and values from every row of x, queries (and so outputs) from `rows` only."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
     dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
-    q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)
+    q, k, v = dense('query')(prompted.take_rows(x, rows)), dense('key')(x), dense('value')(x)
     y = self.attention_fn(q, k, v, kv_prompt)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out')(y)
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block."""
+  """Pre-norm transformer block; its output holds the `rows` of its input (`prompted.block_rows`)."""
   num_heads: int
   mlp_dim: int
   attention_fn: AttentionFn = prompted_attention
   dtype: Any = jnp.float32
+  rows: prompted.Rows = None
 
   @nn.compact
   def __call__(self, x: Array, kv_prompt: Array | None) -> Array:
     attention = MultiHeadDotProductAttention(self.num_heads, self.attention_fn, self.dtype)
-    x = x + attention(nn.LayerNorm(dtype=self.dtype)(x), kv_prompt)
+    y = attention(nn.LayerNorm(dtype=self.dtype)(x), kv_prompt, self.rows)
+    x = prompted.take_rows(x, self.rows) + y
     return x + prompted.MlpBlock(self.mlp_dim, self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
 
 
@@ -70,7 +73,8 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Blocks with deep visual prompts: [CLS, prompts, patches], each layer replacing the prompt outputs."""
+  """Blocks with deep visual prompts: [CLS, prompts, patches], each layer replacing the prompt outputs; the
+  output is the CLS token alone, [B, 1, D], all the classifier reads."""
   depth: int
   num_heads: int
   mlp_dim: int
@@ -84,9 +88,9 @@ class Encoder(nn.Module):
                train: bool) -> Array:
     x = AddPositionEmbs(name='posembed_input')(x)
     block_type = prompted.remat_block(Encoder1DBlock, self.remat)
-    blocks = [block_type(self.num_heads, self.mlp_dim, self.attention_fn, self.dtype, name=f'encoderblock_{i}')
-              for i in range(self.depth)]
-    x = prompted.prompted_blocks(x, blocks, visual, kv, mask, self.prompt_dropout, train)
+    block = lambda i, rows: block_type(self.num_heads, self.mlp_dim, self.attention_fn, self.dtype, rows,
+                                       name=f'encoderblock_{i}')
+    x = prompted.prompted_blocks(x, block, self.depth, visual, kv, mask, self.prompt_dropout, train, cls_only=True)
     return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
 
 
