@@ -2,8 +2,12 @@
 
 import os
 
+# The tests' own process compiles XLA:CPU code at LLVM's lowest optimisation level: its steps are small and
+# mostly one-off, so they compile far longer than they run. The main command's processes that tests start
+# (tests/test_run.py `main`) set XLA_FLAGS of their own: they run hundreds of steps of one cached program.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-                           ' --xla_cpu_enable_concurrency_optimized_scheduler=false').strip()
+                           ' --xla_cpu_enable_concurrency_optimized_scheduler=false'
+                           ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import json  # noqa: E402

@@ -17,7 +17,6 @@ from tests.torch_zip import Global, Pickler, save_pth
 
 NAMES = ('vit', 'mae', 'moco', 'swin')
 OPTIONS = {'swin': {'grouping': 'original'}}  # the fixture has the original's batch coupling
-FAST_COMPILE = {'xla_backend_optimization_level': 0}  # half the compile time of these one-off steps
 
 
 @functools.cache
@@ -56,7 +55,7 @@ def fixture_run(name: str) -> tuple:
     return train.cross_entropy(logits, f['input/labels']), logits
 
   with jax.default_matmul_precision('highest'):
-    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=FAST_COMPILE)(trainable)
+    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable)
   grad = {k.removeprefix('grad/'): v for k, v in f.items() if k.startswith('grad/')}
   enc = {k.removeprefix('enc.').removeprefix('transformer.'): v for k, v in grad.items()}
   expected = {**convert.original_adapter(kind, enc), 'head/kernel': grad['head.last_layer.weight'].T,
@@ -153,7 +152,7 @@ def test_a_public_checkpoint_converts_loads_and_trains_with_the_backbone_frozen(
   trainable, frozen = optim.partition(params, optim.predicate('e2vpt', train_masks=True))
   assert set(checkpoints.flatten(frozen)) == set(ours(checkpoints.read_npz(str(tmp_path / 'backbone.npz'))))
   tx = optim.make_optimizer(1.0, 1e-4, 256, 3, 1, 0)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx), compiler_options=FAST_COMPILE)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
   batch = {'image': rng.normal(size=(2, size, size, 3)).astype(np.float32), 'label': np.array([0, 2])}
   start, opt_state, new = trainable, tx.init(trainable), trainable
   for i in range(3):

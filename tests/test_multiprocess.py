@@ -23,8 +23,6 @@ PRUNE = [*TINY, '--config.data.train_split=val200', '--config.data.eval_split=va
          "--config.protocol.tune_splits=('val200','val200')", '--config.pruning.token_counts=(1,)',
          '--config.pruning.segment_counts=(4,)', '--config.protocol.seeds=(42,)', '--config.pruning.rewind=init']
 RUNS = ('grid/runs/lr0.5_wd0.0001_seed0', 'rewind/N1_M4', 'final/seed42')
-# A plain training run of the main command that is the protocol's stage 1 (masks train, 13 steps).
-TRAIN = [*PRUNE[:PRUNE.index('--config.mode=protocol')], '--config.model.use_masks=True']
 
 
 def free_port() -> int:
@@ -87,27 +85,17 @@ def report(workdir):
 
 @pytest.fixture(scope='module')
 def protocol(tmp_path_factory):
-  """The protocol's workdirs (one process with 8 devices, two with 4 each) and a plain training run by
-  two processes with 4 devices each, all run side by side."""
+  """The protocol's workdirs, one process with 8 devices and two with 4 each, run side by side."""
   root = tmp_path_factory.mktemp('protocol')
-  one, two, train = root / 'one', root / 'two', root / 'train'
-  run_all([start(one, PRUNE, 8), *two_processes(two, PRUNE), *two_processes(train, TRAIN)])
-  return one, two, train
-
-
-@pytest.mark.slow
-def test_a_plain_training_run_on_two_processes_equals_one_process(protocol):
-  # The same run as the one-process protocol's stage 1, which train_and_evaluate ran with 8 devices.
-  one, _, train = protocol
-  assert_same_metrics(one / RUNS[0], train)
-  assert_same_adapter(one / RUNS[0], train)
-  assert json.loads((train / 'result.json').read_text())['devices'] == 8
+  one, two = root / 'one', root / 'two'
+  run_all([start(one, PRUNE, 8), *two_processes(two, PRUNE)])
+  return one, two
 
 
 @pytest.mark.slow
 def test_two_processes_train_as_one(protocol):
   # Each run of the protocol is a training run of the main command, alone in its group.
-  one, two, _ = protocol
+  one, two = protocol
   for run in RUNS:
     assert_same_metrics(one / run, two / run)
     assert_same_adapter(one / run, two / run)
@@ -120,7 +108,7 @@ def test_two_processes_train_as_one(protocol):
 
 @pytest.mark.slow
 def test_two_processes_prune_as_one(protocol):
-  a, b = (report(d) for d in protocol[:2])
+  a, b = (report(d) for d in protocol)
   for key in ('grid', 'final', 'tuned_after'):
     assert a[key] == b[key], key
   for key in ('candidates', 'chosen'):
@@ -135,7 +123,7 @@ def test_two_processes_prune_as_one(protocol):
 @pytest.mark.slow
 def test_a_finished_two_process_protocol_restarts_to_the_same_report(protocol):
   # Every run is finished: each process takes the runs' results from the lead's files and agrees.
-  _, two, _ = protocol
+  _, two = protocol
   before = report(two)
   run_all(two_processes(two, PRUNE))
   assert report(two) == before

@@ -1,5 +1,6 @@
 """Pruning: importance against the original and finite differences, the schedule, drop mode, the protocol."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +25,14 @@ def test_signed_importance_is_the_originals_mask_gradient(golden, golden_model, 
 def tiny_masked(seed=0):
   model = vit.get_model('tiny', num_classes=5, num_prompts=3, num_kv_prompts=2, use_masks=True)
   images = jax.random.normal(jax.random.key(seed), (4, 32, 32, 3))
-  params = model.init(jax.random.key(seed + 1), images)['params']
+  params = jax.jit(model.init)(jax.random.key(seed + 1), images)['params']
   params['masks'] = {'token': 0.5 + jax.random.uniform(jax.random.key(seed + 2), (3,)),
                      'segment': 0.5 + jax.random.uniform(jax.random.key(seed + 3), (3, 16))}
   batches = [{'image': images[:2], 'label': jnp.array([0, 3])}, {'image': images[2:], 'label': jnp.array([1, 4])}]
   return model, params, batches
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def mean_loss(model, params, batches):
   return sum(train.cross_entropy(model.apply({'params': params}, b['image']), b['label']) for b in batches) / len(batches)
 

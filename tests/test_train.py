@@ -17,7 +17,7 @@ def setup(batch_size=8):
   model = vit.get_model('tiny', num_classes=5, num_prompts=4, num_kv_prompts=3, use_masks=True)
   images = jax.random.normal(jax.random.key(0), (batch_size, 32, 32, 3))
   labels = jnp.arange(batch_size) % 5
-  params = model.init(jax.random.key(1), images)['params']
+  params = jax.jit(model.init)(jax.random.key(1), images)['params']
   trainable, frozen = optim.partition(params, optim.predicate())
   tx = optim.make_optimizer(lr=1.0, weight_decay=1e-3, batch_size=batch_size, steps_per_epoch=1,
                             total_epochs=10, warmup_epochs=1)
@@ -26,7 +26,7 @@ def setup(batch_size=8):
 
 
 def eval_loss(model, trainable, frozen, batch):
-  logits = model.apply({'params': optim.combine(trainable, frozen)}, batch['image'])
+  logits = jax.jit(model.apply)({'params': optim.combine(trainable, frozen)}, batch['image'])
   return float(train.cross_entropy(logits, batch['label']))
 
 
